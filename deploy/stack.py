@@ -1,0 +1,143 @@
+"""`pairloop up`: the embedded Redis, the vLLM engine and the gateway, in the foreground, stopped together."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from deploy.local_secrets import load_or_create
+from deploy.redis_server import EmbeddedRedis
+from serving.app import create_app
+from serving.engine import EngineConfig, EngineProcess
+from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
+
+log = logging.getLogger("pairloop")
+
+TINY_MODEL_NAME = "pairloop-tiny"
+DEV_KEY_ID = "dev"
+
+
+def _echo(prefix: str) -> object:
+    def echo(line: str) -> None:
+        print(f"[{prefix}] {line}", file=sys.stderr, flush=True)
+
+    return echo
+
+
+@dataclass
+class Stack:
+    """What `up` started, so that it can stop exactly that."""
+
+    settings: ServingSettings
+    redis: EmbeddedRedis | None = None
+    engine: EngineProcess | None = None
+    dev_key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.engine:
+            self.engine.stop()
+        if self.redis:
+            self.redis.stop()
+
+
+def resolve_model(settings: ServingSettings) -> tuple[str, str]:
+    """(model path or id, public name); builds the embedded tiny model when none is configured."""
+    if settings.model:
+        return settings.model, settings.served_model_name or settings.model
+    from trainer.tiny.build import default_model_dir, ensure_built, is_built
+
+    out = default_model_dir(settings.data_dir)
+    if not is_built(out):
+        log.info("building the embedded tiny model into %s (a few minutes, once)", out)
+    ensure_built(out)
+    return str(out), settings.served_model_name or TINY_MODEL_NAME
+
+
+def prepare(settings: ServingSettings, *, echo_children: bool = True) -> Stack:
+    """Start the children `settings` asks for and return the complete settings for the gateway."""
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(settings)
+    update: dict[str, object] = {}
+    try:
+        if not settings.redis_url:
+            update["secret"] = settings.secret or load_or_create(data_dir / "secrets" / "token-secret")
+            stack.redis = EmbeddedRedis(
+                data_dir,
+                load_or_create(data_dir / "secrets" / "redis-password"),
+                echo=_echo("redis") if echo_children else None,  # type: ignore[arg-type]
+            )
+            stack.redis.start()
+            update["redis_url"] = stack.redis.url
+            stack.notes.append(f"embedded Redis (AOF) in {stack.redis.dir}")
+        if not settings.api_keys:
+            stack.dev_key = load_or_create(data_dir / "secrets" / "dev-api-key", prefix="pl-dev-")
+            update["api_keys"] = [ApiKey(id=DEV_KEY_ID, key=stack.dev_key, scopes=list(ALL_SCOPES))]
+            stack.notes.append("no PAIRLOOP_API_KEYS: made a development key; listening on loopback only")
+        if not settings.vllm_urls:
+            model, name = resolve_model(settings)
+            stack.engine = EngineProcess(
+                EngineConfig(
+                    model=model,
+                    served_model_name=name,
+                    port=settings.vllm_port,
+                    max_model_len=settings.vllm_max_model_len,
+                    max_loras=settings.vllm_max_loras,
+                    max_lora_rank=settings.vllm_max_lora_rank,
+                    kv_cache_gib=settings.vllm_kv_cache_gib,
+                    extra_args=settings.vllm_extra_args.split(),
+                    log_path=data_dir / "logs" / "vllm.log",
+                    echo=_echo("vllm") if echo_children else None,  # type: ignore[arg-type]
+                )
+            )
+            stack.engine.start()
+            update["vllm_urls"] = [stack.engine.url]
+            update["served_model_name"] = name
+            stack.notes.append(f"vLLM serving {name} from {model} on {stack.engine.url} (private)")
+    except BaseException:
+        stack.stop()
+        raise
+    stack.settings = settings.model_copy(update=update)
+    return stack
+
+
+def banner(stack: Stack) -> str:
+    s = stack.settings
+    lines = ["", f"pairloop is ready: http://{s.host}:{s.port}/v1  (model: {s.served_model_name or '?'})"]
+    if stack.dev_key:
+        lines.append(f"  development API key: {stack.dev_key}")
+    lines += [f"  {note}" for note in stack.notes]
+    lines.append(f"  data dir: {s.data_dir}    stop: Ctrl-C")
+    return "\n".join(lines) + "\n"
+
+
+def run(settings: ServingSettings) -> None:
+    """Start everything, serve until SIGINT/SIGTERM, then stop every child that was started."""
+    stack = prepare(settings)
+    try:
+        app = create_app(stack.settings)
+        if stack.engine:
+            engine = stack.engine
+
+            def announce() -> None:
+                if engine.wait_ready(timeout_s=600):
+                    print(banner(stack), file=sys.stderr, flush=True)
+                else:
+                    log.error("vLLM did not become ready; see %s", engine.config.log_path)
+
+            log.info("waiting for vLLM to load the model (usually 15-60 s); the gateway answers 503 until then")
+            threading.Thread(target=announce, daemon=True).start()
+        else:
+            print(banner(stack), file=sys.stderr, flush=True)
+        config = uvicorn.Config(
+            app, host=stack.settings.host, port=stack.settings.port, log_level="info", access_log=False
+        )
+        uvicorn.Server(config).run()
+    finally:
+        log.info("stopping")
+        stack.stop()

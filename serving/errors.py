@@ -1,0 +1,154 @@
+"""The gateway's exceptions and their one mapping to HTTP answers in OpenAI's error shape.
+
+ServingError
+├── InvalidRequest          400  a request that is well-formed JSON but asks for something we refuse
+├── Unauthorized            401  no key, or a wrong one
+├── Forbidden               403  a key without the scope
+├── ModelNotFound           404  a model (or adapter) we do not serve
+├── PayloadTooLarge         413  a body over the size limit
+├── UpstreamError           4xx  vLLM refused the request (its status and message are passed on)
+└── Unavailable             503  no vLLM backend or no Redis: try again after `Retry-After`
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ServingError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+class InvalidRequest(ServingError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ServingError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServingError):
+    status_code = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class ModelNotFound(ServingError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ServingError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UpstreamError(ServingError):
+    """vLLM answered the request with a client error; its status and message reach the client."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class Unavailable(ServingError):
+    status_code = 503
+    type = "service_unavailable"
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _count(request: Request, type_: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(type_).inc()
+
+
+async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServingError)
+    _count(request, exc.type)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    _count(request, "invalid_request_error")
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        msg = f"Request body is not valid JSON: {detail.get('ctx', {}).get('error', 'parse error')}"
+        return JSONResponse(error_body(msg, "invalid_request_error", "invalid_json"), status_code=400)
+    first = errors[0]
+    field = _field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "extra_forbidden":
+        msg = f"Unknown field '{field}': this server does not accept it."
+    elif first.get("type") == "missing":
+        msg = f"Missing required field '{field}'."
+    else:
+        msg = f"Invalid value for '{field}': {first.get('msg')}."
+    if len(errors) > 1:
+        msg += f" ({len(errors) - 1} more error{'s' if len(errors) > 2 else ''} in the request)"
+    return JSONResponse(error_body(msg, "invalid_request_error", "invalid_field", field), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    _count(request, "invalid_request_error")
+    return JSONResponse(
+        error_body(str(exc.detail), "invalid_request_error", None),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map every error the gateway raises, and FastAPI's own, to OpenAI's error shape."""
+    app.add_exception_handler(ServingError, _serving_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,96 @@
+"""Request and response models of the OpenAI-compatible chat endpoint, and of the stored record."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_MESSAGES = 256
+MAX_CONTENT_CHARS = 32_000
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_CONTENT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(max_length=MAX_CONTENT_CHARS)
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat request that pairloop serves. Unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    model: str | None = Field(None, max_length=256)
+    n: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+
+class SamplingParams(BaseModel):
+    """The sampling parameters a completion was served with (what vLLM received)."""
+
+    n: int
+    temperature: float
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class ServedChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    adapter: str
+    """The vLLM model name that produced this choice: the base model's name or an adapter version."""
+
+
+class CompletionRecord(BaseModel):
+    """What the gateway served for one request: the ground truth that feedback refers to."""
+
+    id: str
+    model: str
+    messages: list[dict[str, Any]]
+    sampling: SamplingParams
+    choices: list[ServedChoice]
+    key_id: str
+    user: str | None
+    stream: bool
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    created_at: float
+    finished_at: float
+    expires_at: float

@@ -1,0 +1,109 @@
+"""Settings of the gateway and of the vLLM engine it starts. Environment prefix `PAIRLOOP_`."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Scope = Literal["chat", "feedback", "admin"]
+ALL_SCOPES: tuple[Scope, ...] = ("chat", "feedback", "admin")
+
+
+def default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/pairloop`, or `~/.local/share/pairloop`."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pairloop"
+
+
+class ApiKey(BaseModel):
+    """One client credential. `id` is what records and logs carry; `key` is the secret the client sends."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    key: str = Field(min_length=16, max_length=256)
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["chat", "feedback"]))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names a loopback address (127.0.0.0/8, ::1 or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ServingSettings(BaseSettings):
+    """The gateway's settings. Each field reads `PAIRLOOP_<NAME>` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PAIRLOOP_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Models, secrets, logs, databases.")
+    model: str | None = Field(
+        None, description="Hugging Face id or local path of the base model; unset: the embedded tiny model."
+    )
+    served_model_name: str | None = Field(
+        None, description="Public name of the base model; default: the model id, or `pairloop-tiny`."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for records, queues and limits; unset: an embedded server in the data dir."
+    )
+    vllm_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated base URLs of running vLLM servers; unset: start one as a child process.",
+    )
+    vllm_api_key: str | None = Field(None, description="Bearer key for the vLLM servers, if they require one.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description='JSON list of {"id", "key", "scopes"}; unset: loopback only (`pairloop up` makes a dev key).',
+    )
+    secret: str | None = Field(
+        None, min_length=32, description="HMAC secret for feedback tokens; required with an external Redis."
+    )
+    responses_per_request: int = Field(2, ge=1, le=2, description="Choices per request when `n` is absent.")
+    record_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long served completions stay in Redis.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a client may ask for.")
+    upstream_timeout_s: float = Field(300.0, gt=0, description="Longest wait for one vLLM response.")
+    health_interval_s: float = Field(1.0, gt=0, description="How often each vLLM backend is probed.")
+    retry_after_s: int = Field(5, ge=1, description="`Retry-After` sent with 503 answers.")
+
+    # vLLM child process (only when vllm_urls is empty)
+    vllm_port: int = Field(0, ge=0, le=65535, description="Loopback port of the vLLM child; 0 picks a free one.")
+    vllm_max_model_len: int = Field(256, ge=16, description="`--max-model-len` of the vLLM child.")
+    vllm_max_loras: int = Field(3, ge=1, description="Adapters vLLM keeps loaded (champion, challenger, draining).")
+    vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="KV cache size of the CPU engine, in GiB.")
+    vllm_extra_args: str = Field("", description="Extra command-line arguments for the vLLM child.")
+
+    @field_validator("vllm_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingSettings:
+        if not self.api_keys and not is_loopback(self.host):
+            raise ValueError(
+                f"PAIRLOOP_HOST={self.host} is not a loopback address, but no PAIRLOOP_API_KEYS are set: "
+                "configure API keys before exposing the gateway"
+            )
+        if self.redis_url and not self.secret:
+            raise ValueError(
+                "PAIRLOOP_SECRET (at least 32 characters) is required with an external PAIRLOOP_REDIS_URL: "
+                "every gateway replica must sign feedback tokens with the same secret"
+            )
+        ids = [k.id for k in self.api_keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("PAIRLOOP_API_KEYS: key ids must be unique")
+        return self

@@ -1,0 +1,73 @@
+"""When vLLM or Redis is gone: 503 with Retry-After, readiness false, nothing recorded; and recovery."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import redis
+
+from serving.engine import EngineProcess
+from serving.process import free_port
+from tests.conftest import KEYS, GatewayFactory
+
+pytestmark = pytest.mark.slow
+
+AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
+BODY = {"messages": [{"role": "user", "content": "What is tea?"}], "max_tokens": 8}
+
+
+def wait_for(predicate, timeout_s: float, step_s: float = 0.25) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return False
+
+
+def test_unreachable_vllm_is_503_with_retry_after(make_gateway: GatewayFactory, rdb: redis.Redis) -> None:
+    gw = make_gateway([f"http://127.0.0.1:{free_port()}"])
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH)
+    assert r.status_code == 503
+    assert r.headers["Retry-After"] == "3"
+    assert r.json()["error"]["type"] == "service_unavailable"
+    ready = httpx.get(f"{gw.url}/readyz")
+    assert ready.status_code == 503 and ready.json()["backends_healthy"] == 0
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200
+    assert not list(rdb.scan_iter("pairloop:completion:*"))
+
+
+def test_unreachable_redis_is_503_and_nothing_is_served(make_gateway: GatewayFactory, engine: EngineProcess) -> None:
+    gw = make_gateway([engine.url], redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=30)
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert "Redis" in r.json()["error"]["message"]
+    ready = httpx.get(f"{gw.url}/readyz")
+    assert ready.status_code == 503 and ready.json()["redis"] is False
+
+
+def test_requests_spread_over_replicas_and_skip_a_dead_one(make_gateway: GatewayFactory, engine: EngineProcess) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = make_gateway([dead, engine.url])
+    for _ in range(4):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+    ready = httpx.get(f"{gw.url}/readyz").json()
+    assert ready["backends"] == 2 and ready["backends_healthy"] == 1
+
+
+def test_vllm_killed_then_back(make_gateway: GatewayFactory, engine: EngineProcess) -> None:
+    gw = make_gateway([engine.url])
+    assert httpx.get(f"{gw.url}/readyz").status_code == 200
+    restarts = engine.restarts
+    engine.kill()
+    assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, 10), "readiness did not fail"
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=30)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3"
+    # the launcher restarts vLLM; the gateway notices by itself
+    assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 300, 1.0), "vLLM did not return"
+    assert engine.restarts == restarts + 1
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2

@@ -1,0 +1,80 @@
+"""`pairloop up` pieces: the embedded Redis server, and the whole command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from deploy.redis_server import EmbeddedRedis
+from serving.engine import EngineProcess
+from serving.process import free_port
+from tests.conftest import MODEL_NAME
+
+
+def test_embedded_redis_is_durable_and_private(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path, "pw-0123456789")
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        client.set("k", "v")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).set("k", "x")
+        client.close()
+    finally:
+        server.stop()
+    # AOF: the write survives a restart
+    again = EmbeddedRedis(tmp_path, "pw-0123456789", port=server.port)
+    again.start()
+    try:
+        assert redis.Redis.from_url(again.url).get("k") == b"v"
+    finally:
+        again.stop()
+
+
+@pytest.mark.slow
+def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
+    env |= {"PAIRLOOP_VLLM_URLS": engine.url, "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME}
+    cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "pairloop up did not become ready"
+            time.sleep(0.3)
+        key = (tmp_path / "secrets" / "dev-api-key").read_text().strip()
+        assert (tmp_path / "secrets" / "dev-api-key").stat().st_mode & 0o077 == 0
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        resp = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert len(resp.choices) == 2
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "development API key: pl-dev-" in out
+    assert "loopback only" in out
+    # the embedded Redis it started is gone
+    pid_lines = subprocess.run(["pgrep", "-f", str(tmp_path / "redis")], capture_output=True, text=True).stdout
+    assert pid_lines.strip() == ""

@@ -1,0 +1,89 @@
+"""Pure unit tests: feedback tokens, API keys, settings checks, the backend pool (with httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from serving import tokens
+from serving.auth import KeyRing
+from serving.backends import BackendPool
+from serving.errors import Forbidden, Unauthorized, Unavailable
+from serving.settings import ApiKey, ServingSettings
+
+SECRET = b"s" * 32
+
+
+def test_token_round_trip_and_every_way_it_fails() -> None:
+    exp = int(time.time()) + 60
+    tok = tokens.issue(SECRET, "chatcmpl-a", "k1", exp)
+    assert tokens.verify(SECRET, tok, completion_id="chatcmpl-a", key_id="k1").expires_at == exp
+    bad = [
+        (lambda: tokens.verify(b"x" * 32, tok, completion_id="chatcmpl-a", key_id="k1"), "signature"),
+        (lambda: tokens.verify(SECRET, tok, completion_id="chatcmpl-b", key_id="k1"), "another completion"),
+        (lambda: tokens.verify(SECRET, tok, completion_id="chatcmpl-a", key_id="k2"), "another API key"),
+        (lambda: tokens.verify(SECRET, tok, completion_id="chatcmpl-a", key_id="k1", now=exp + 1), "expired"),
+        (lambda: tokens.verify(SECRET, "garbage", completion_id="chatcmpl-a", key_id="k1"), "malformed"),
+        (
+            lambda: tokens.verify(SECRET, tok[:-2] + "AA", completion_id="chatcmpl-a", key_id="k1"),
+            "signature",
+        ),
+    ]
+    for call, why in bad:
+        with pytest.raises(tokens.TokenError, match=why):
+            call()
+    # the payload cannot be swapped under a valid signature
+    v, _, sig = tok.split(".")
+    other = tokens.issue(SECRET, "chatcmpl-b", "k1", exp).split(".")[1]
+    with pytest.raises(tokens.TokenError):
+        tokens.verify(SECRET, f"{v}.{other}.{sig}", completion_id="chatcmpl-b", key_id="k1")
+
+
+def test_keyring_scopes() -> None:
+    ring = KeyRing([ApiKey(id="a", key="k" * 20, scopes=["chat"])])
+    assert ring.authenticate("Bearer " + "k" * 20).key_id == "a"
+    for header in (None, "", "Bearer ", "Basic abc", "Bearer " + "j" * 20):
+        with pytest.raises(Unauthorized):
+            ring.authenticate(header)
+    with pytest.raises(Forbidden):
+        ring.authenticate("Bearer " + "k" * 20).require("admin")
+    assert KeyRing([]).authenticate(None).scopes == {"chat", "feedback", "admin"}
+
+
+def test_settings_refuse_unsafe_configurations(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="loopback"):
+        ServingSettings(host="0.0.0.0")
+    with pytest.raises(ValidationError, match="PAIRLOOP_SECRET"):
+        ServingSettings(redis_url="redis://127.0.0.1:6379/0")
+    with pytest.raises(ValidationError, match="unique"):
+        ServingSettings(api_keys=[ApiKey(id="a", key="k" * 20), ApiKey(id="a", key="j" * 20)])
+    monkeypatch.setenv("PAIRLOOP_VLLM_URLS", "http://127.0.0.1:1/, http://127.0.0.1:2")
+    monkeypatch.setenv("PAIRLOOP_API_KEYS", '[{"id": "team", "key": "0123456789abcdef", "scopes": ["chat"]}]')
+    s = ServingSettings(host="0.0.0.0")
+    assert s.vllm_urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert s.api_keys[0].scopes == ["chat"]
+
+
+async def test_pool_spreads_requests_and_drops_a_dead_backend() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.port == 2:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"data": [{"id": "base", "parent": None}, {"id": "v1", "parent": "base"}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        pool = BackendPool(["http://a:1", "http://b:1", "http://c:2"], client)
+        await pool.probe_all()
+        assert [b.healthy for b in pool.backends] == [True, True, False]
+        assert pool.base_model() == "base"
+        picked = {pool.pick().url for _ in range(4)}
+        assert picked == {"http://a:1", "http://b:1"}
+        async with pool.lease() as first:
+            # the busier backend is avoided while another is idle
+            assert pool.pick().url != first.url
+        pool.mark_down(pool.backends[0], "test")
+        pool.mark_down(pool.backends[1], "test")
+        with pytest.raises(Unavailable):
+            pool.pick()

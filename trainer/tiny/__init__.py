@@ -1,0 +1,1 @@
+"""The embedded default model: a small chat model that pairloop builds for itself, offline."""
