@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -43,6 +46,23 @@ class Stack:
             self.engine.stop()
         if self.redis:
             self.redis.stop()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after its shutdown, which would kill this process before it stops the
+    children it started. Here the signals only ask the server to exit; `run` then stops the children."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def resolve_model(settings: ServingSettings) -> tuple[str, str]:
@@ -137,7 +157,7 @@ def run(settings: ServingSettings) -> None:
         config = uvicorn.Config(
             app, host=stack.settings.host, port=stack.settings.port, log_level="info", access_log=False
         )
-        uvicorn.Server(config).run()
+        _Server(config).run()
     finally:
         log.info("stopping")
         stack.stop()

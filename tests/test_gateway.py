@@ -236,3 +236,15 @@ def test_health_readiness_and_metrics(client: openai.OpenAI, gateway: str) -> No
     ):
         assert name in text, name
     assert 'route="/v1/chat/completions",status="200"' in text
+
+
+def test_chunked_body_under_the_limit_is_served(gateway: str) -> None:
+    body = json.dumps({"messages": PROMPT, "max_tokens": 5, "n": 1}).encode()
+    r = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        content=iter([body[:10], body[10:]]),
+        headers={"Authorization": f"Bearer {KEYS['full'].key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
