@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Annotated, Any
 
@@ -18,12 +19,14 @@ from serving.protocol import ChatCompletionRequest
 router = APIRouter()
 
 
-def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, and those
+# thread hops were a measurable share of the gateway's added latency.
+async def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
     principal: Principal = request.app.state.keyring.authenticate(authorization)
     return principal
 
 
-def _chat_service(request: Request) -> ChatService:
+async def _chat_service(request: Request) -> ChatService:
     service: ChatService = request.app.state.chat
     return service
 
@@ -31,7 +34,7 @@ def _chat_service(request: Request) -> ChatService:
 def require(scope: str) -> Any:
     """A dependency that authenticates the caller and checks one scope."""
 
-    def dependency(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    async def dependency(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
         principal.require(scope)  # type: ignore[arg-type]
         return principal
 
@@ -43,13 +46,14 @@ ChatServiceDep = Annotated[ChatService, Depends(_chat_service)]
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep
-) -> dict[str, Any] | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep) -> Response:
     if body.stream:
         stream = await service.open_stream(body, caller)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await service.complete(body, caller)
+    # Serialized here, not by FastAPI: the dict is plain JSON already, and jsonable_encoder's walk over it
+    # is a measurable part of the gateway's added latency (docs/PERFORMANCE.md).
+    payload = json.dumps(await service.complete(body, caller), separators=(",", ":"))
+    return Response(payload, media_type="application/json")
 
 
 @router.get("/v1/models")
