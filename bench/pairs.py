@@ -137,6 +137,10 @@ def main() -> None:
             f"gateway added latency, median of per-round differences:     {over_ms:.2f} ms "
             f"({over_ms / med['gateway-2'] * 100:.1f}% of the gateway's median end-to-end)"
         )
+        diff = med["gateway-2"] - med["direct-2"]
+        print(
+            f"gateway added latency, difference of the medians:           {diff:.2f} ms ({diff / med['gateway-2']:.1%})"
+        )
     finally:
         if gateway:
             gateway.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -69,12 +70,15 @@ def resolve_model(settings: ServingSettings) -> tuple[str, str]:
     """(model path or id, public name); builds the embedded tiny model when none is configured."""
     if settings.model:
         return settings.model, settings.served_model_name or settings.model
-    from trainer.tiny.build import default_model_dir, ensure_built, is_built
+    from trainer.tiny.build import default_model_dir, is_built
 
     out = default_model_dir(settings.data_dir)
     if not is_built(out):
         log.info("building the embedded tiny model into %s (a few minutes, once)", out)
-    ensure_built(out)
+        # In a child process: the gateway should not keep torch and the training memory for its whole life.
+        cmd = [sys.executable, "-m", "deploy", "model", "build-tiny", "--out", str(out)]
+        if subprocess.run(cmd, check=False).returncode != 0 or not is_built(out):
+            raise RuntimeError("building the tiny model failed (see the output above)")
     return str(out), settings.served_model_name or TINY_MODEL_NAME
 
 

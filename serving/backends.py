@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from serving.errors import Unavailable
 
@@ -36,15 +36,17 @@ class BackendPool:
     def __init__(
         self,
         urls: list[str],
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         *,
         interval_s: float = 1.0,
         retry_after_s: int = 5,
+        headers: dict[str, str] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a backend pool needs at least one URL")
         self.backends = [Backend(u.rstrip("/")) for u in urls]
         self._client = client
+        self._headers = headers or {}
         self._interval_s = interval_s
         self._retry_after_s = retry_after_s
         self._rr = itertools.count()
@@ -61,13 +63,14 @@ class BackendPool:
 
     async def probe(self, backend: Backend) -> None:
         try:
-            resp = await self._client.get(f"{backend.url}/v1/models", timeout=min(5.0, self._interval_s * 3))
-            resp.raise_for_status()
-            data = resp.json()["data"]
+            timeout = aiohttp.ClientTimeout(total=min(5.0, self._interval_s * 3))
+            async with self._client.get(f"{backend.url}/v1/models", timeout=timeout, headers=self._headers) as resp:
+                resp.raise_for_status()
+                data = (await resp.json())["data"]
             backend.models = [m["id"] for m in data]
             backend.base_model = next((m["id"] for m in data if not m.get("parent")), None)
             healthy = True
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
             healthy = False
         if healthy != backend.healthy:
             log.warning("vLLM backend %s is %s", backend.url, "up" if healthy else "DOWN")

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -72,7 +72,7 @@ class ChatService:
         self,
         settings: ServingSettings,
         pool: BackendPool,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         redis: Redis,
         metrics: Metrics,
         secret: bytes,
@@ -154,31 +154,29 @@ class ChatService:
         return UpstreamError(status, message)
 
     @contextlib.asynccontextmanager
-    async def _open(self, body: dict[str, Any], stream: bool) -> AsyncIterator[httpx.Response]:
+    async def _open(self, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
         """An upstream response with a 200 status, from the first backend that accepts the connection."""
         tried: set[str] = set()
         while True:
             async with self.pool.lease(exclude=tried) as backend:
-                request = self.client.build_request(
-                    "POST", f"{backend.url}/v1/chat/completions", json=body, headers=self._headers
-                )
+                url = f"{backend.url}/v1/chat/completions"
                 try:
-                    resp = await self.client.send(request, stream=stream)
-                except httpx.ConnectError as exc:
+                    resp = await self.client.post(url, json=body, headers=self._headers)
+                except aiohttp.ClientConnectorError as exc:
                     # nothing reached vLLM: safe to try another backend
                     self.pool.mark_down(backend, f"connect error: {exc}")
                     tried.add(backend.url)
                     continue
-                except httpx.HTTPError as exc:
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     raise Unavailable(
                         f"The inference backend failed: {exc!r}", retry_after_s=self.settings.retry_after_s
                     ) from exc
                 try:
-                    if resp.status_code != 200:
-                        raise self._upstream_error(resp.status_code, await resp.aread())
+                    if resp.status != 200:
+                        raise self._upstream_error(resp.status, await resp.read())
                     yield resp
                 finally:
-                    await resp.aclose()
+                    resp.release()
                 return
 
     def _upstream_body(self, plan: Plan, model: str, n: int, stream: bool) -> dict[str, Any]:
@@ -244,8 +242,8 @@ class ChatService:
         got = Collected()
 
         async def run(model: str, indexes: list[int]) -> None:
-            async with self._open(self._upstream_body(plan, model, len(indexes), False), False) as resp:
-                data = json.loads(await resp.aread())
+            async with self._open(self._upstream_body(plan, model, len(indexes), False)) as resp:
+                data = json.loads(await resp.read())
             for choice in data["choices"]:
                 i = indexes[choice["index"]]
                 got.texts[i] = [choice["message"].get("content") or ""]
@@ -254,7 +252,11 @@ class ChatService:
             got.prompt_tokens += usage.get("prompt_tokens", 0)
             got.completion_tokens += usage.get("completion_tokens", 0)
 
-        await asyncio.gather(*(run(m, ix) for m, ix in plan.groups().items()))
+        groups = plan.groups()
+        if len(groups) == 1:  # the common case; spares a task per request
+            await run(*next(iter(groups.items())))
+        else:
+            await asyncio.gather(*(run(m, ix) for m, ix in groups.items()))
         record, token = await self._record(plan, got, req, principal, stream=False)
         return {
             "id": plan.id,
@@ -289,7 +291,7 @@ class ChatService:
         stack = contextlib.AsyncExitStack()
         try:
             streams = [
-                (await stack.enter_async_context(self._open(self._upstream_body(plan, model, len(ix), True), True)), ix)
+                (await stack.enter_async_context(self._open(self._upstream_body(plan, model, len(ix), True))), ix)
                 for model, ix in plan.groups().items()
             ]
         except BaseException:
@@ -310,7 +312,7 @@ class ChatService:
     async def _relay(
         self,
         plan: Plan,
-        streams: list[tuple[httpx.Response, list[int]]],
+        streams: list[tuple[aiohttp.ClientResponse, list[int]]],
         stack: contextlib.AsyncExitStack,
         req: ChatCompletionRequest,
         principal: Principal,
@@ -318,13 +320,13 @@ class ChatService:
         got = Collected()
         queue: asyncio.Queue[tuple[list[int], dict[str, Any]] | BaseException | None] = asyncio.Queue()
 
-        async def pump(resp: httpx.Response, indexes: list[int]) -> None:
+        async def pump(resp: aiohttp.ClientResponse, indexes: list[int]) -> None:
             try:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         break
                     await queue.put((indexes, json.loads(data)))
                 await queue.put(None)
@@ -344,7 +346,8 @@ class ChatService:
                         raise item
                     indexes, chunk = item
                     if "error" in chunk:
-                        raise UpstreamError(chunk["error"].get("code") or 500, chunk["error"].get("message", ""))
+                        message = (chunk["error"] or {}).get("message", "unknown error")
+                        raise Unavailable(f"The inference backend failed mid-stream: {message}")
                     usage = chunk.get("usage")
                     if usage and not chunk.get("choices"):
                         got.prompt_tokens += usage.get("prompt_tokens", 0)
@@ -364,7 +367,7 @@ class ChatService:
                     if out:
                         yield self._chunk(plan, choices=out)
                 record, token = await self._record(plan, got, req, principal, stream=True)
-            except (ServingError, httpx.HTTPError, ValueError, KeyError) as exc:
+            except (ServingError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
                 # The status line is gone already: an error in a stream is a data chunk (as vLLM does it).
                 err = exc if isinstance(exc, ServingError) else Unavailable(f"The inference backend failed: {exc!r}")
                 log.warning("stream %s failed: %s", plan.id, err.message)

@@ -45,7 +45,7 @@ class EngineConfig:
     model: str
     served_model_name: str
     port: int = 0
-    max_model_len: int = 256
+    max_model_len: int | None = None
     max_loras: int = 3
     max_lora_rank: int = 16
     kv_cache_gib: int = 1
@@ -91,8 +91,6 @@ class EngineProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--max-model-len",
-            str(c.max_model_len),
             "--enable-prefix-caching",
             "--enable-lora",
             "--max-loras",
@@ -103,6 +101,8 @@ class EngineProcess:
             str(c.max_lora_rank),
             "--disable-uvicorn-access-log",
         ]
+        if c.max_model_len:
+            cmd += ["--max-model-len", str(c.max_model_len)]
         if is_cpu_engine():
             cmd += ["--dtype", "float32"]
         return cmd + c.extra_args

@@ -78,7 +78,9 @@ class ServingSettings(BaseSettings):
 
     # vLLM child process (only when vllm_urls is empty)
     vllm_port: int = Field(0, ge=0, le=65535, description="Loopback port of the vLLM child; 0 picks a free one.")
-    vllm_max_model_len: int = Field(256, ge=16, description="`--max-model-len` of the vLLM child.")
+    vllm_max_model_len: int | None = Field(
+        None, ge=16, description="`--max-model-len` of the vLLM child; unset: the model's own context length."
+    )
     vllm_max_loras: int = Field(3, ge=1, description="Adapters vLLM keeps loaded (champion, challenger, draining).")
     vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="KV cache size of the CPU engine, in GiB.")

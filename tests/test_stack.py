@@ -78,3 +78,26 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
     # the embedded Redis it started is gone
     pid_lines = subprocess.run(["pgrep", "-f", str(tmp_path / "redis")], capture_output=True, text=True).stdout
     assert pid_lines.strip() == ""
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
+    return subprocess.run(
+        [sys.executable, "-m", "deploy", *args], env=base | env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_up_refuses_unsafe_settings_with_a_clear_message(tmp_path: Path) -> None:
+    r = run_cli("up", "--data-dir", str(tmp_path), PAIRLOOP_HOST="0.0.0.0")
+    assert r.returncode == 2
+    assert "loopback" in r.stderr and "PAIRLOOP_API_KEYS" in r.stderr
+    r = run_cli("up", "--data-dir", str(tmp_path), PAIRLOOP_REDIS_URL="redis://127.0.0.1:6379/9")
+    assert r.returncode == 2 and "PAIRLOOP_SECRET" in r.stderr
+    r = run_cli("up", "--port", "70000")
+    assert r.returncode == 2 and "port" in r.stderr
+    assert not (tmp_path / "secrets").exists(), "nothing is written for a refused start"
+
+
+def test_build_tiny_uses_its_cache(tiny_model: Path) -> None:
+    r = run_cli("model", "build-tiny", "--out", str(tiny_model))
+    assert r.returncode == 0 and "(cached)" in r.stdout

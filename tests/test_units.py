@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from serving import tokens
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.errors import Forbidden, Unauthorized, Unavailable
+from serving.process import free_port
 from serving.settings import ApiKey, ServingSettings
 
 SECRET = b"s" * 32
@@ -68,22 +71,31 @@ def test_settings_refuse_unsafe_configurations(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_pool_spreads_requests_and_drops_a_dead_backend() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.port == 2:
-            raise httpx.ConnectError("refused")
-        return httpx.Response(200, json={"data": [{"id": "base", "parent": None}, {"id": "v1", "parent": "base"}]})
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "base", "parent": None}, {"id": "v1", "parent": "base"}]})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        pool = BackendPool(["http://a:1", "http://b:1", "http://c:2"], client)
-        await pool.probe_all()
-        assert [b.healthy for b in pool.backends] == [True, True, False]
-        assert pool.base_model() == "base"
-        picked = {pool.pick().url for _ in range(4)}
-        assert picked == {"http://a:1", "http://b:1"}
-        async with pool.lease() as first:
-            # the busier backend is avoided while another is idle
-            assert pool.pick().url != first.url
-        pool.mark_down(pool.backends[0], "test")
-        pool.mark_down(pool.backends[1], "test")
-        with pytest.raises(Unavailable):
-            pool.pick()
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    servers = [TestServer(app, host="127.0.0.1") for _ in range(2)]
+    for server in servers:
+        await server.start_server()
+    alive = [str(server.make_url("")).rstrip("/") for server in servers]
+    try:
+        async with aiohttp.ClientSession() as client:
+            pool = BackendPool([*alive, f"http://127.0.0.1:{free_port()}"], client)
+            await pool.probe_all()
+            assert [b.healthy for b in pool.backends] == [True, True, False]
+            assert pool.base_model() == "base"
+            assert {pool.pick().url for _ in range(4)} == set(alive)
+            async with pool.lease() as first:
+                # the busier backend is avoided while another is idle
+                assert pool.pick().url != first.url
+            pool.mark_down(pool.backends[0], "test")
+            pool.mark_down(pool.backends[1], "test")
+            with pytest.raises(Unavailable):
+                pool.pick()
+            await pool.probe_all()  # a probe brings them back
+            assert pool.ready
+    finally:
+        for server in servers:
+            await server.close()
