@@ -30,6 +30,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/pairs.py
+	$(BIN)/python bench/gateway_overhead.py
 
 lint: setup
 	$(BIN)/ruff check .
