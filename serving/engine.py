@@ -68,6 +68,7 @@ class EngineProcess:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._spawn_error: OSError | None = None
 
     @property
     def url(self) -> str:
@@ -125,6 +126,9 @@ class EngineProcess:
         self._thread = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
         self._thread.start()
         self._started.wait()
+        if self._spawn_error is not None:
+            self._thread = None
+            raise RuntimeError(f"could not start vLLM: {self._spawn_error}") from self._spawn_error
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         log.info("starting vLLM on %s: %s", self.url, shlex.join(self.command()))
@@ -134,7 +138,12 @@ class EngineProcess:
         # The child is spawned from this thread, which lives as long as the child: PDEATHSIG is tied to it.
         backoff = 1.0
         while not self._stopping.is_set():
-            self._proc = self._spawn()
+            try:
+                self._proc = self._spawn()
+            except OSError as exc:
+                self._spawn_error = exc
+                self._started.set()
+                return
             self._started.set()
             began = time.monotonic()
             code = self._proc.wait()

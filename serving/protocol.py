@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 32_000
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 class TextPart(BaseModel):
@@ -48,8 +50,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 2)  # vLLM seeds choice i with seed + i
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool = False
