@@ -14,7 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-model_app = typer.Typer(help="The base model.", no_args_is_help=True)
+model_app = typer.Typer(help="The embedded default base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 
@@ -25,12 +25,12 @@ def _logging() -> None:
 
 @app.command()
 def up(
-    port: Annotated[int | None, typer.Option(help="Gateway port [env PAIRLOOP_PORT, default 8000].")] = None,
-    host: Annotated[str | None, typer.Option(help="Gateway address [env PAIRLOOP_HOST, default 127.0.0.1].")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory [env PAIRLOOP_DATA_DIR].")] = None,
+    port: Annotated[int | None, typer.Option(help="Gateway port (env PAIRLOOP_PORT; default 8000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Gateway address (env PAIRLOOP_HOST; default 127.0.0.1).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="HF model id or local path [env PAIRLOOP_MODEL]; default: the embedded tiny model."),
+        typer.Option(help="HF model id or local path (env PAIRLOOP_MODEL); default: the embedded tiny model."),
     ] = None,
 ) -> None:
     """Run the embedded Redis, vLLM and the gateway in the foreground; Ctrl-C stops them all."""
@@ -52,7 +52,7 @@ def up(
 def build_tiny(
     out: Annotated[Path | None, typer.Option(help="Output directory; default: the cache in the data dir.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of corpus, weights and batches.")] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory [env PAIRLOOP_DATA_DIR].")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a build is cached.")] = False,
 ) -> None:
     """Build the embedded default chat model (tokenizer + small Llama) from a generated corpus, offline."""

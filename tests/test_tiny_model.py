@@ -77,5 +77,6 @@ def test_answers_are_readable_at_temperature_one(gateway: str) -> None:
             words = corpus.words(choice.message.content or "")
             known += sum(w in vocab for w in words)
             total += len(words)
+    print(f"corpus words: {known}/{total} = {known / total:.1%}")  # shown with pytest -s
     assert total > 500
     assert known / total >= 0.9, f"only {known / total:.1%} of {total} words are corpus words"
