@@ -318,7 +318,7 @@ class ChatService:
         principal: Principal,
     ) -> AsyncIterator[bytes]:
         got = Collected()
-        queue: asyncio.Queue[tuple[list[int], dict[str, Any]] | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[list[int], dict[str, Any]] | Exception | None] = asyncio.Queue()
 
         async def pump(resp: aiohttp.ClientResponse, indexes: list[int]) -> None:
             try:
@@ -327,10 +327,12 @@ class ChatService:
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
-                        break
+                        await queue.put(None)
+                        return
                     await queue.put((indexes, json.loads(data)))
-                await queue.put(None)
-            except BaseException as exc:  # handed to the consumer, which decides
+                # a stream cut short (vLLM died) must not be recorded as a complete pair
+                raise Unavailable("The inference backend closed the stream before it finished.")
+            except Exception as exc:  # handed to the consumer, which decides
                 await queue.put(exc)
 
         async with stack:
@@ -342,7 +344,7 @@ class ChatService:
                     if item is None:
                         remaining -= 1
                         continue
-                    if isinstance(item, BaseException):
+                    if isinstance(item, Exception):
                         raise item
                     indexes, chunk = item
                     if "error" in chunk:

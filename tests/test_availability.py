@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -58,11 +59,23 @@ def test_requests_spread_over_replicas_and_skip_a_dead_one(make_gateway: Gateway
     assert ready["backends"] == 2 and ready["backends_healthy"] == 1
 
 
-def test_vllm_killed_then_back(make_gateway: GatewayFactory, engine: EngineProcess) -> None:
+def test_vllm_killed_then_back(make_gateway: GatewayFactory, engine: EngineProcess, rdb: redis.Redis) -> None:
     gw = make_gateway([engine.url])
     assert httpx.get(f"{gw.url}/readyz").status_code == 200
     restarts = engine.restarts
-    engine.kill()
+    # a stream in flight when vLLM dies ends with an error chunk, and nothing is recorded for it
+    body = {**BODY, "stream": True, "max_tokens": 200}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        engine.kill()
+        rest = [line for line in lines if line]
+    cid = json.loads(first[5:])["id"]
+    assert any('"error"' in line for line in rest), rest[-3:]
+    assert rest[-1] == "data: [DONE]"
+    assert not any('"pairloop"' in line for line in rest), "a cut stream must not get a feedback token"
+    assert rdb.get(f"pairloop:completion:{cid}") is None
     assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, 10), "readiness did not fail"
     r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=30)
     assert r.status_code == 503 and r.headers["Retry-After"] == "3"
