@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -25,7 +25,7 @@ TINY_MODEL_NAME = "pairloop-tiny"
 DEV_KEY_ID = "dev"
 
 
-def _echo(prefix: str) -> object:
+def _echo(prefix: str) -> Callable[[str], None]:
     def echo(line: str) -> None:
         print(f"[{prefix}] {line}", file=sys.stderr, flush=True)
 
@@ -94,7 +94,7 @@ def prepare(settings: ServingSettings, *, echo_children: bool = True) -> Stack:
             stack.redis = EmbeddedRedis(
                 data_dir,
                 load_or_create(data_dir / "secrets" / "redis-password"),
-                echo=_echo("redis") if echo_children else None,  # type: ignore[arg-type]
+                echo=_echo("redis") if echo_children else None,
             )
             stack.redis.start()
             update["redis_url"] = stack.redis.url
@@ -116,7 +116,7 @@ def prepare(settings: ServingSettings, *, echo_children: bool = True) -> Stack:
                     kv_cache_gib=settings.vllm_kv_cache_gib,
                     extra_args=settings.vllm_extra_args.split(),
                     log_path=data_dir / "logs" / "vllm.log",
-                    echo=_echo("vllm") if echo_children else None,  # type: ignore[arg-type]
+                    echo=_echo("vllm") if echo_children else None,
                 )
             )
             stack.engine.start()
