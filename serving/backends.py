@@ -46,7 +46,8 @@ class BackendPool:
             raise ValueError("a backend pool needs at least one URL")
         self.backends = [Backend(u.rstrip("/")) for u in urls]
         self._client = client
-        self._headers = headers or {}
+        self.headers = headers or {}
+        """Sent with every request to a backend (vLLM's `--api-key`, if it has one)."""
         self._interval_s = interval_s
         self._retry_after_s = retry_after_s
         self._rr = itertools.count()
@@ -64,7 +65,7 @@ class BackendPool:
     async def probe(self, backend: Backend) -> None:
         try:
             timeout = aiohttp.ClientTimeout(total=min(5.0, self._interval_s * 3))
-            async with self._client.get(f"{backend.url}/v1/models", timeout=timeout, headers=self._headers) as resp:
+            async with self._client.get(f"{backend.url}/v1/models", timeout=timeout, headers=self.headers) as resp:
                 resp.raise_for_status()
                 data = (await resp.json())["data"]
             backend.models = [m["id"] for m in data]

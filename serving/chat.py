@@ -83,7 +83,6 @@ class ChatService:
         self.redis = redis
         self.metrics = metrics
         self.secret = secret
-        self._headers = {"Authorization": f"Bearer {settings.vllm_api_key}"} if settings.vllm_api_key else {}
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -161,7 +160,7 @@ class ChatService:
             async with self.pool.lease(exclude=tried) as backend:
                 url = f"{backend.url}/v1/chat/completions"
                 try:
-                    resp = await self.client.post(url, json=body, headers=self._headers)
+                    resp = await self.client.post(url, json=body, headers=self.pool.headers)
                 except aiohttp.ClientConnectorError as exc:
                     # nothing reached vLLM: safe to try another backend
                     self.pool.mark_down(backend, f"connect error: {exc}")
@@ -252,11 +251,7 @@ class ChatService:
             got.prompt_tokens += usage.get("prompt_tokens", 0)
             got.completion_tokens += usage.get("completion_tokens", 0)
 
-        groups = plan.groups()
-        if len(groups) == 1:  # the common case; spares a task per request
-            await run(*next(iter(groups.items())))
-        else:
-            await asyncio.gather(*(run(m, ix) for m, ix in groups.items()))
+        await asyncio.gather(*(run(m, ix) for m, ix in plan.groups().items()))
         record, token = await self._record(plan, got, req, principal, stream=False)
         return {
             "id": plan.id,

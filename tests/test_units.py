@@ -99,3 +99,25 @@ async def test_pool_spreads_requests_and_drops_a_dead_backend() -> None:
     finally:
         for server in servers:
             await server.close()
+
+
+async def test_pool_sends_the_vllm_api_key() -> None:
+    async def models(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer vllm-secret":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.json_response({"data": [{"id": "base", "parent": None}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    try:
+        async with aiohttp.ClientSession() as client:
+            without = BackendPool([url], client)
+            with_key = BackendPool([url], client, headers={"Authorization": "Bearer vllm-secret"})
+            await without.probe_all()
+            await with_key.probe_all()
+            assert not without.ready and with_key.ready
+    finally:
+        await server.close()
