@@ -11,7 +11,6 @@ upstream call, the Redis record, the feedback token and the extra HTTP hop.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.gateway import start_gateway  # noqa: E402
 from serving.process import free_port  # noqa: E402
 
 FAKE_UPSTREAM = r"""
@@ -47,44 +47,24 @@ async def app(scope, receive, send):
 """
 
 
-def wait_ready(url: str) -> None:
-    for _ in range(300):
-        try:
-            if httpx.get(url).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not become ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=600)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pairloop-overhead-"))
     (tmp / "fake_upstream.py").write_text(FAKE_UPSTREAM)
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
     fake = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "fake_upstream:app", "--port", str(up_port), "--log-level", "warning"],
         cwd=tmp,
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
-    env |= {"PAIRLOOP_VLLM_URLS": f"http://127.0.0.1:{up_port}", "PAIRLOOP_SERVED_MODEL_NAME": "pairloop-tiny"}
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "deploy", "up", "--port", str(gw_port), "--data-dir", str(tmp / "data")],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    gateway = None
     try:
-        wait_ready(f"http://127.0.0.1:{gw_port}/readyz")
-        key = (tmp / "data" / "secrets" / "dev-api-key").read_text().strip()
+        gateway, gw_url, key = start_gateway(f"http://127.0.0.1:{up_port}", tmp / "data", "pairloop-tiny")
         body = {"messages": [{"role": "user", "content": "Tell me about coffee."}], "max_tokens": 12, "seed": 1}
         targets = {
             "direct": (f"http://127.0.0.1:{up_port}/v1/chat/completions", {}),
-            "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", {"Authorization": f"Bearer {key}"}),
+            "gateway": (f"{gw_url}/v1/chat/completions", {"Authorization": f"Bearer {key}"}),
         }
         times: dict[str, list[float]] = {k: [] for k in targets}
         with httpx.Client() as client:
@@ -101,9 +81,10 @@ def main() -> None:
         )
         print(f"the gateway's own time per request: {med['gateway'] - med['direct']:.2f} ms")
     finally:
-        gateway.terminate()
+        if gateway:
+            gateway.terminate()
+            gateway.wait(30)
         fake.terminate()
-        gateway.wait(30)
         fake.wait(30)
 
 

@@ -15,10 +15,8 @@ printed). Absolute times drift on a shared machine; the ratios of medians from o
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.gateway import start_gateway  # noqa: E402
 from serving.engine import EngineConfig, EngineProcess  # noqa: E402
-from serving.process import free_port  # noqa: E402
 from serving.settings import default_data_dir  # noqa: E402
 from trainer.tiny import corpus  # noqa: E402
 from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402
@@ -45,24 +43,6 @@ def pick_model(arg: str | None) -> str:
     return str(
         cached if (cached / "pairloop-build.json").exists() else ensure_built(default_model_dir(default_data_dir()))
     )
-
-
-def start_gateway(vllm_url: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
-    env |= {"PAIRLOOP_VLLM_URLS": vllm_url, "PAIRLOOP_SERVED_MODEL_NAME": NAME}
-    cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return proc, url, (data_dir / "secrets" / "dev-api-key").read_text().strip()
-        except httpx.ConnectError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the gateway did not become ready")
 
 
 def main() -> None:
@@ -80,7 +60,7 @@ def main() -> None:
     try:
         if not engine.wait_ready(300):
             raise SystemExit(f"vLLM did not start; see {tmp / 'vllm.log'}")
-        gateway, gw_url, key = start_gateway(engine.url, tmp)
+        gateway, gw_url, key = start_gateway(engine.url, tmp, NAME)
         rng = random.Random(0)
         prompts = [corpus.make_prompt(rng) for _ in range(args.rounds)]
         auth = {"Authorization": f"Bearer {key}"}
