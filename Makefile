@@ -31,6 +31,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/pairs.py
 	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python bench/feedback.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -16,17 +16,25 @@ sys.path.insert(0, str(ROOT))
 from serving.process import free_port  # noqa: E402
 
 
-def start_gateway(vllm_url: str, data_dir: Path, served_name: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_gateway(
+    vllm_url: str,
+    data_dir: Path,
+    served_name: str,
+    *,
+    args: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+) -> tuple[subprocess.Popen[bytes], str, str]:
     """(process, base URL, development API key) of a gateway over `vllm_url` with an embedded Redis in `data_dir`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
-    env |= {"PAIRLOOP_VLLM_URLS": vllm_url, "PAIRLOOP_SERVED_MODEL_NAME": served_name}
-    cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(data_dir)]
+    env |= {"PAIRLOOP_VLLM_URLS": vllm_url, "PAIRLOOP_SERVED_MODEL_NAME": served_name, **(env_extra or {})}
+    cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(data_dir), *args]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
+            if httpx.get(f"{url}{ready_path}").status_code == 200:
                 return proc, url, (data_dir / "secrets" / "dev-api-key").read_text().strip()
         except httpx.HTTPError:
             pass

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from workers.settings import WorkerSettings
 
 app = typer.Typer(
     help="pairloop: two answers per chat request, preferences in, better adapters out.",
@@ -16,6 +19,10 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="The embedded default base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+queue_app = typer.Typer(help="The feedback queue (RQ): counts and failed jobs.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+db_app = typer.Typer(help="The preference store's schema (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 
 def _logging() -> None:
@@ -32,8 +39,9 @@ def up(
         str | None,
         typer.Option(help="HF model id or local path (env PAIRLOOP_MODEL); default: the embedded tiny model."),
     ] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Feedback workers to run as children (0: none).")] = 1,
 ) -> None:
-    """Run the embedded Redis, vLLM and the gateway in the foreground; Ctrl-C stops them all."""
+    """Run the embedded Redis, vLLM, the gateway and a feedback worker in the foreground; Ctrl-C stops them all."""
     from deploy import stack
     from serving.settings import ServingSettings
 
@@ -45,7 +53,7 @@ def up(
         settings = ServingSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(_explain(exc)) from None
-    stack.run(settings)
+    stack.run(settings, workers=workers)
 
 
 @model_app.command("build-tiny")
@@ -67,6 +75,126 @@ def build_tiny(
         return
     info = build(target, config)
     typer.echo(f"{target} ({info['build_seconds']} s, final loss {info['final_loss']:.3f})")
+
+
+def _worker_settings(data_dir: Path | None = None) -> WorkerSettings:
+    from workers.settings import WorkerSettings
+
+    try:
+        return WorkerSettings(data_dir=data_dir) if data_dir else WorkerSettings()
+    except ValidationError as exc:
+        raise typer.BadParameter(_explain(exc)) from None
+
+
+def _redis_url(settings: WorkerSettings) -> str:
+    from deploy.stack import running_redis_url
+
+    url = settings.redis_url or running_redis_url(settings.data_dir)
+    if not url:
+        typer.echo(
+            f"No PAIRLOOP_REDIS_URL, and no `pairloop up` is running with data dir {settings.data_dir}.", err=True
+        )
+        raise typer.Exit(2)
+    return url
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+    name: Annotated[str | None, typer.Option(help="Worker name in RQ (default: random).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+) -> None:
+    """Run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL)."""
+    from workers.runner import run
+
+    _logging()
+    settings = _worker_settings(data_dir)
+    run(_redis_url(settings), settings, burst=burst, name=name)
+
+
+@queue_app.command("status")
+def queue_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+) -> None:
+    """Queued, started, scheduled (waiting to retry) and failed jobs, and live workers."""
+    import json
+
+    import redis
+
+    from workers.queue import status
+
+    settings = _worker_settings(data_dir)
+    counts = status(redis.Redis.from_url(_redis_url(settings)), settings).as_dict()
+    if as_json:
+        typer.echo(json.dumps(counts))
+    else:
+        typer.echo("  ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+@queue_app.command("retry-failed")
+def queue_retry_failed(
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+) -> None:
+    """Requeue every failed job (safe: storing an event twice stores it once)."""
+    import redis
+
+    from workers.queue import retry_failed
+
+    settings = _worker_settings(data_dir)
+    typer.echo(f"requeued {retry_failed(redis.Redis.from_url(_redis_url(settings)), settings)} failed jobs")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+) -> None:
+    """Create or migrate the preference store (env PAIRLOOP_DATABASE_URL; default SQLite in the data dir)."""
+    from feedback.migrate import current, upgrade
+
+    url = _worker_settings(data_dir).store_url()
+    upgrade(url)
+    typer.echo(f"store at revision {current(url)}")
+
+
+@app.command()
+def export(
+    kind: Annotated[str, typer.Option(help="dpo: prompt/chosen/rejected; kto: prompt/completion/label.")],
+    out: Annotated[Path, typer.Option(help="File to write (replaced atomically).")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet.")] = "jsonl",
+    since: Annotated[
+        str | None, typer.Option(help="Only feedback received at or after this ISO 8601 time (UTC if no zone).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+) -> None:
+    """Write TRL-ready training data from the preference store, and say what was skipped."""
+    import datetime as dt
+    import json
+
+    from sqlalchemy.orm import Session
+
+    from feedback.export import export as run_export
+    from feedback.store import make_engine
+
+    if kind not in ("dpo", "kto"):
+        raise typer.BadParameter("--kind must be dpo or kto")
+    if fmt not in ("jsonl", "parquet"):
+        raise typer.BadParameter("--format must be jsonl or parquet")
+    start = None
+    if since:
+        try:
+            start = dt.datetime.fromisoformat(since)
+        except ValueError:
+            raise typer.BadParameter(f"--since: not an ISO 8601 time: {since!r}") from None
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=dt.UTC)
+    engine = make_engine(_worker_settings(data_dir).store_url())
+    try:
+        with Session(engine) as session:
+            report = run_export(session, kind, out, fmt, start)  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps({"out": str(out), **report.as_dict()}))
 
 
 def _env_data_dir() -> Path | None:

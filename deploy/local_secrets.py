@@ -24,3 +24,13 @@ def load_or_create(path: Path, prefix: str = "", nbytes: int = 32) -> str:
     finally:
         tmp.unlink()
     return path.read_text().strip()
+
+
+def write_private(path: Path, value: str) -> None:
+    """Write `value` to `path` (mode 0600), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    os.replace(tmp, path)

@@ -10,12 +10,16 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 
-from deploy.local_secrets import load_or_create
+from deploy.gateway import build_app
+from deploy.local_secrets import load_or_create, write_private
 from deploy.redis_server import EmbeddedRedis
-from serving.app import create_app
+from deploy.worker_process import WorkerProcess
+from feedback.migrate import upgrade
+from feedback.settings import FeedbackSettings
 from serving.engine import EngineConfig, EngineProcess
 from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
 
@@ -23,6 +27,16 @@ log = logging.getLogger("pairloop")
 
 TINY_MODEL_NAME = "pairloop-tiny"
 DEV_KEY_ID = "dev"
+
+
+def _redis_url_file(data_dir: Path) -> Path:
+    return data_dir / "run" / "redis-url"
+
+
+def running_redis_url(data_dir: Path) -> str | None:
+    """The URL of the embedded Redis of a `pairloop up` running on `data_dir`, for `pairloop worker`/`queue`."""
+    path = _redis_url_file(data_dir)
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _echo(prefix: str) -> Callable[[str], None]:
@@ -39,13 +53,18 @@ class Stack:
     settings: ServingSettings
     redis: EmbeddedRedis | None = None
     engine: EngineProcess | None = None
+    workers: list[WorkerProcess] = field(default_factory=list)
     dev_key: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
+        # The worker first (it finishes its job), Redis last (the worker and gateway need it to the end).
+        for worker in self.workers:
+            worker.stop()
         if self.engine:
             self.engine.stop()
         if self.redis:
+            _redis_url_file(self.settings.data_dir).unlink(missing_ok=True)
             self.redis.stop()
 
 
@@ -82,7 +101,7 @@ def resolve_model(settings: ServingSettings) -> tuple[str, str]:
     return str(out), settings.served_model_name or TINY_MODEL_NAME
 
 
-def prepare(settings: ServingSettings, *, echo_children: bool = True) -> Stack:
+def prepare(settings: ServingSettings, *, workers: int = 1, echo_children: bool = True) -> Stack:
     """Start the children `settings` asks for and return the complete settings for the gateway."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +117,21 @@ def prepare(settings: ServingSettings, *, echo_children: bool = True) -> Stack:
             )
             stack.redis.start()
             update["redis_url"] = stack.redis.url
+            write_private(_redis_url_file(data_dir), stack.redis.url)
             stack.notes.append(f"embedded Redis (AOF) in {stack.redis.dir}")
+        store_url = FeedbackSettings(data_dir=data_dir).store_url()
+        upgrade(store_url)
+        stack.notes.append(f"preference store: {_safe_url(store_url)}")
+        for i in range(workers):
+            worker = WorkerProcess(
+                str(update.get("redis_url") or settings.redis_url),
+                data_dir,
+                log_path=data_dir / "logs" / f"worker-{i}.log",
+                echo=_echo(f"worker-{i}") if echo_children else None,
+            )
+            stack.workers.append(worker)
+            worker.start()
+        stack.notes.append(f"{workers} feedback worker(s) storing into it (more: `pairloop worker`)")
         if not settings.api_keys:
             stack.dev_key = load_or_create(data_dir / "secrets" / "dev-api-key", prefix="pl-dev-")
             update["api_keys"] = [ApiKey(id=DEV_KEY_ID, key=stack.dev_key, scopes=list(ALL_SCOPES))]
@@ -130,6 +163,12 @@ def prepare(settings: ServingSettings, *, echo_children: bool = True) -> Stack:
     return stack
 
 
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def banner(stack: Stack) -> str:
     s = stack.settings
     lines = ["", f"pairloop is ready: http://{s.host}:{s.port}/v1  (model: {s.served_model_name or '?'})"]
@@ -140,11 +179,11 @@ def banner(stack: Stack) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: ServingSettings) -> None:
+def run(settings: ServingSettings, *, workers: int = 1) -> None:
     """Start everything, serve until SIGINT/SIGTERM, then stop every child that was started."""
-    stack = prepare(settings)
+    stack = prepare(settings, workers=workers)
     try:
-        app = create_app(stack.settings)
+        app = build_app(stack.settings)
         if stack.engine:
             engine = stack.engine
 

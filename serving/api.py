@@ -46,7 +46,10 @@ ChatServiceDep = Annotated[ChatService, Depends(_chat_service)]
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep) -> Response:
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep
+) -> Response:
+    await request.app.state.limiter.take("chat", caller.key_id, body.user)
     if body.stream:
         stream = await service.open_stream(body, caller)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from fastapi import FastAPI
@@ -17,12 +18,19 @@ from serving.chat import ChatService
 from serving.errors import install_handlers
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
+from serving.ratelimit import RateLimiter
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
+Extension = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+"""Runs inside the gateway's lifespan, after its own resources (`app.state.redis`, `.limiter`, `.metrics`)
+are set up: how later stages (the feedback API) add their services without the gateway importing them."""
 
-def create_app(settings: ServingSettings, *, vllm_urls: list[str] | None = None) -> FastAPI:
+
+def create_app(
+    settings: ServingSettings, *, vllm_urls: list[str] | None = None, extensions: Sequence[Extension] = ()
+) -> FastAPI:
     """The gateway over the vLLM servers at `vllm_urls` (default: `settings.vllm_urls`).
 
     `settings.redis_url` and `settings.secret` must be set (`pairloop up` fills them in for the embedded
@@ -54,6 +62,8 @@ def create_app(settings: ServingSettings, *, vllm_urls: list[str] | None = None)
                 headers=headers,
             )
             app.state.chat = ChatService(settings, pool, client, redis, metrics, settings.secret.encode())
+            app.state.redis = redis
+            app.state.limiter = RateLimiter(redis, settings.rate_limits(), retry_after_s=settings.retry_after_s)
             if keyring.open:
                 log.warning(
                     "no API keys configured: listening on loopback only (%s) and accepting requests without a key",
@@ -62,7 +72,10 @@ def create_app(settings: ServingSettings, *, vllm_urls: list[str] | None = None)
             await pool.probe_all()
             pool.start()
             try:
-                yield
+                async with contextlib.AsyncExitStack() as stack:
+                    for extension in extensions:
+                        await stack.enter_async_context(extension(app))
+                    yield
             finally:
                 await pool.stop()
                 await redis.aclose()

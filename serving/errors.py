@@ -6,6 +6,7 @@ ServingError
 ├── Forbidden               403  a key without the scope
 ├── ModelNotFound           404  a model (or adapter) we do not serve
 ├── PayloadTooLarge         413  a body over the size limit
+├── RateLimited             429  a key's or user's token bucket is empty: retry after `Retry-After`
 ├── UpstreamError           4xx  vLLM refused the request (its status and message are passed on)
 └── Unavailable             503  no vLLM backend or no Redis: try again after `Retry-After`
 """
@@ -69,6 +70,19 @@ class PayloadTooLarge(ServingError):
     status_code = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class RateLimited(ServingError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class UpstreamError(ServingError):

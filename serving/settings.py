@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from serving.ratelimit import RateLimit
+
 Scope = Literal["chat", "feedback", "admin"]
 ALL_SCOPES: tuple[Scope, ...] = ("chat", "feedback", "admin")
 
@@ -76,6 +78,20 @@ class ServingSettings(BaseSettings):
     health_interval_s: float = Field(1.0, gt=0, description="How often each vLLM backend is probed.")
     retry_after_s: int = Field(5, ge=1, description="`Retry-After` sent with 503 answers.")
 
+    # Token buckets in Redis, as JSON {"per_s": rate, "burst": size}; per_s 0 turns one off.
+    chat_limit_per_key: RateLimit = Field(
+        RateLimit(per_s=20, burst=40), description="Chat requests per API key (token bucket)."
+    )
+    chat_limit_per_user: RateLimit = Field(
+        RateLimit(per_s=1, burst=10), description="Chat requests per `user` (token bucket)."
+    )
+    feedback_limit_per_key: RateLimit = Field(
+        RateLimit(per_s=200, burst=400), description="Feedback events per API key (token bucket)."
+    )
+    feedback_limit_per_user: RateLimit = Field(
+        RateLimit(per_s=1, burst=20), description="Feedback events per judging `user` (token bucket)."
+    )
+
     # vLLM child process (only when vllm_urls is empty)
     vllm_port: int = Field(0, ge=0, le=65535, description="Loopback port of the vLLM child; 0 picks a free one.")
     vllm_max_model_len: int | None = Field(
@@ -85,6 +101,14 @@ class ServingSettings(BaseSettings):
     vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="KV cache size of the CPU engine, in GiB.")
     vllm_extra_args: str = Field("", description="Extra command-line arguments for the vLLM child.")
+
+    def rate_limits(self) -> dict[str, RateLimit]:
+        return {
+            "chat:key": self.chat_limit_per_key,
+            "chat:user": self.chat_limit_per_user,
+            "feedback:key": self.feedback_limit_per_key,
+            "feedback:user": self.feedback_limit_per_user,
+        }
 
     @field_validator("vllm_urls", mode="before")
     @classmethod

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from pydantic_settings import BaseSettings
+
+from feedback.settings import FeedbackSettings
 from serving.settings import ServingSettings
+from workers.settings import WorkerSettings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
-def test_every_setting_is_documented() -> None:
+@pytest.mark.parametrize("settings", [ServingSettings, FeedbackSettings, WorkerSettings])
+def test_every_setting_is_documented(settings: type[BaseSettings]) -> None:
     missing = [
-        f"PAIRLOOP_{name.upper()}"
-        for name in ServingSettings.model_fields
-        if f"`PAIRLOOP_{name.upper()}`" not in README
+        f"PAIRLOOP_{name.upper()}" for name in settings.model_fields if f"`PAIRLOOP_{name.upper()}`" not in README
     ]
     assert not missing, f"README.md's configuration table lacks {missing}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -69,15 +72,46 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
         )
         assert len(resp.choices) == 2
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+
+        # Feedback goes through the embedded Valkey (WAITAOF) to the worker child and into the SQLite store.
+        feedback = {
+            "completion_id": resp.id,
+            "feedback_token": resp.model_extra["pairloop"]["feedback_token"],
+            "kind": "pairwise",
+            "preference": 1,
+        }
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/feedback", json=feedback, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert answer.status_code == 202, answer.text
+        store = tmp_path / "pairloop.db"
+        deadline = time.monotonic() + 60
+        while not (store.exists() and answer.json()["id"] in stored_ids(store)):
+            assert time.monotonic() < deadline, "the worker child did not store the event"
+            time.sleep(0.3)
+        status = run_cli("queue", "status", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
+        assert status.returncode == 0, status.stderr
+        counts = json.loads(status.stdout)
+        assert counts["queued"] == 0 and counts["failed"] == 0 and counts["workers"] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "development API key: pl-dev-" in out
     assert "loopback only" in out
-    # the embedded Redis it started is gone
-    pid_lines = subprocess.run(["pgrep", "-f", str(tmp_path / "redis")], capture_output=True, text=True).stdout
-    assert pid_lines.strip() == ""
+    # the embedded Redis and the worker it started are gone
+    for pattern in (str(tmp_path / "redis"), "deploy worker"):
+        pid_lines = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+        assert pid_lines.strip() == "", pattern
+    assert not (tmp_path / "run" / "redis-url").exists()
+
+
+def stored_ids(store: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        try:
+            return {row[0] for row in db.execute("SELECT id FROM feedback")}
+        except sqlite3.OperationalError:
+            return set()
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

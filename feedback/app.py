@@ -1,0 +1,50 @@
+"""How the feedback API joins the gateway: its routes and an extension that owns its resources."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from feedback.api import router
+from feedback.service import FeedbackService
+from feedback.settings import FeedbackSettings
+from feedback.store import make_engine
+from serving.app import Extension
+from workers.queue import FeedbackQueue
+from workers.settings import WorkerSettings
+
+__all__ = ["extension", "router"]
+
+
+def extension(redis_url: str, feedback: FeedbackSettings, workers: WorkerSettings) -> Extension:
+    """Starts the feedback service inside the gateway's lifespan (include `router` in the app as well)."""
+
+    @contextlib.asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        settings = app.state.settings
+        queue = FeedbackQueue(
+            redis_url,
+            workers,
+            wait_aof=feedback.feedback_durability == "aof",
+            waitaof_timeout_ms=feedback.feedback_waitaof_timeout_ms,
+        )
+        service = FeedbackService(
+            feedback,
+            app.state.redis,
+            queue,
+            app.state.limiter,
+            settings.secret.encode(),
+            app.state.metrics.registry,
+            retry_after_s=settings.retry_after_s,
+        )
+        app.state.feedback = service
+        app.state.store = make_engine(feedback.store_url())
+        try:
+            yield
+        finally:
+            service.close()
+            app.state.store.dispose()
+
+    return run

@@ -1,0 +1,38 @@
+"""Alembic environment of the preference store: run by `feedback.migrate.upgrade` (or `alembic` by hand)."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import text
+
+from feedback.store import Base, make_engine
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    url = config.get_main_option("sqlalchemy.url")
+    assert url, "sqlalchemy.url is not set"
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        # SQLite cannot alter most constraints in place: batch mode copies the table instead.
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Two processes upgrading at once (gateway and worker starting together) take turns.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7340121)"))
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

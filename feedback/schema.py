@@ -1,0 +1,130 @@
+"""The feedback request (what a client sends), the event (what is queued and stored), and the answer.
+
+A request names a served completion and brings its feedback token back. The event that is queued carries
+the completion as the gateway recorded it, never text from the client (an opt-in `edit` is the one
+exception, and it is marked user-written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.protocol import CompletionRecord
+
+_ID = r"^[A-Za-z0-9_.:-]+$"
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1, max_length=128, pattern=_ID, description="The `id` of the completion.")
+    feedback_token: str = Field(min_length=1, max_length=1024, description="`pairloop.feedback_token` of it.")
+    feedback_id: uuid.UUID | None = Field(None, description="Client-made UUID; a retry with it is answered the same.")
+    user: str | None = Field(
+        None, min_length=1, max_length=256, description="Who judged; default: the completion's `user`."
+    )
+    comment: str | None = Field(None, max_length=20_000, description="Free text, kept with the event.")
+
+
+class PairwiseFeedback(_Base):
+    kind: Literal["pairwise"]
+    preference: Literal[0, 1, "tie", "both_bad"] = Field(description="The better choice's index, `tie`, or `both_bad`.")
+
+
+class RatingFeedback(_Base):
+    kind: Literal["rating"]
+    choice: int = Field(ge=0, description="Index of the rated choice.")
+    rating: Literal["up", "down"]
+
+
+class EditFeedback(_Base):
+    kind: Literal["edit"]
+    choice: int = Field(ge=0, description="Index of the choice the edit corrects.")
+    text: str = Field(min_length=1, max_length=100_000, description="The corrected answer, written by the user.")
+
+
+FeedbackRequest = Annotated[PairwiseFeedback | RatingFeedback | EditFeedback, Field(discriminator="kind")]
+
+
+def fingerprint(request: PairwiseFeedback | RatingFeedback | EditFeedback) -> str:
+    """A digest of what the request asks, without its `feedback_id`: a retry must ask the same."""
+    data = request.model_dump(mode="json", exclude={"feedback_id"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def claim_slot(request: PairwiseFeedback | RatingFeedback | EditFeedback) -> str:
+    """What one judge may say only once about one completion: the pairwise vote, a rating or an edit per choice."""
+    if isinstance(request, PairwiseFeedback):
+        return "pairwise"
+    return f"{request.kind}:{request.choice}"
+
+
+def claim_value(request: PairwiseFeedback | RatingFeedback | EditFeedback) -> str:
+    """The judgement itself, to tell a repeated vote (same answer) from a changed one (409)."""
+    if isinstance(request, PairwiseFeedback):
+        return str(request.preference)
+    if isinstance(request, RatingFeedback):
+        return request.rating
+    return hashlib.sha256(request.text.encode()).hexdigest()[:32]
+
+
+class FeedbackEvent(BaseModel):
+    """One accepted event, as queued for the workers and stored: self-contained and traceable."""
+
+    feedback_id: str
+    kind: Literal["pairwise", "rating", "edit"]
+    completion: CompletionRecord
+    judge_key_id: str
+    judge_user: str
+    """The judging user, or "" when neither the request nor the completion named one."""
+    preference: Literal["0", "1", "tie", "both_bad"] | None = None
+    choice: int | None = None
+    rating: Literal["up", "down"] | None = None
+    edit_text: str | None = None
+    comment: str | None = None
+    received_at: float
+
+    @classmethod
+    def from_request(
+        cls,
+        request: PairwiseFeedback | RatingFeedback | EditFeedback,
+        *,
+        feedback_id: str,
+        completion: CompletionRecord,
+        judge_key_id: str,
+        judge_user: str,
+        received_at: float,
+    ) -> FeedbackEvent:
+        fields: dict[str, Any] = {}
+        if isinstance(request, PairwiseFeedback):
+            fields["preference"] = str(request.preference)
+        elif isinstance(request, RatingFeedback):
+            fields.update(choice=request.choice, rating=request.rating)
+        else:
+            fields.update(choice=request.choice, edit_text=request.text)
+        return cls(
+            feedback_id=feedback_id,
+            kind=request.kind,
+            completion=completion,
+            judge_key_id=judge_key_id,
+            judge_user=judge_user,
+            comment=request.comment,
+            received_at=received_at,
+            **fields,
+        )
+
+
+class FeedbackAccepted(BaseModel):
+    """The 202 answer. A retry with the same `feedback_id` gets the same one."""
+
+    id: str
+    object: Literal["feedback"] = "feedback"
+    status: Literal["accepted"] = "accepted"
+    completion_id: str
+    kind: str
+    created_at: int

@@ -1,0 +1,132 @@
+"""Helpers of the feedback tests: chat and feedback calls, draining the queue in-process, reading the store."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import redis
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
+from feedback.migrate import upgrade
+from feedback.store import Completion, Feedback
+from serving import records, tokens
+from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
+from tests.conftest import KEYS, MODEL_NAME, SECRET
+from workers import jobs
+from workers.runner import make_worker
+from workers.settings import WorkerSettings
+
+PROMPT = [{"role": "user", "content": "Tell me about tea."}]
+
+
+def auth(key: str = "full") -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[key].key}"}
+
+
+def chat(base: str, key: str = "full", **body: Any) -> dict[str, Any]:
+    payload = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 24, **body}
+    resp = httpx.post(f"{base}/v1/chat/completions", json=payload, headers=auth(key), timeout=60)
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def chat_pair(base: str, key: str = "full", **body: Any) -> dict[str, Any]:
+    """A chat response whose two texts differ (an identical pair, rare, would be dropped from exports)."""
+    for _ in range(10):
+        data = chat(base, key, **body)
+        if data["choices"][0]["message"]["content"] != data["choices"][1]["message"]["content"]:
+            return data
+    raise AssertionError("ten identical pairs in a row")
+
+
+def vote(completion: dict[str, Any], kind: str = "pairwise", **fields: Any) -> dict[str, Any]:
+    """A feedback body on `completion` (a chat response), with a fresh feedback_id unless given."""
+    body = {
+        "completion_id": completion["id"],
+        "feedback_token": completion["pairloop"]["feedback_token"],
+        "feedback_id": str(uuid.uuid4()),
+        "kind": kind,
+        **fields,
+    }
+    if kind == "pairwise":
+        body.setdefault("preference", 0)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def send(base: str, body: Any, key: str = "full", **kw: Any) -> httpx.Response:
+    return httpx.post(f"{base}/v1/feedback", json=body, headers=auth(key), timeout=30, **kw)
+
+
+def drain(redis_url: str, store_url: str, **settings: Any) -> None:
+    """Run a real RQ worker in this process until the queue is empty."""
+    ws = WorkerSettings(database_url=store_url, **settings)
+    upgrade(store_url)
+    jobs.configure(store_url)
+    connection = redis.Redis.from_url(redis_url)
+    make_worker(connection, ws).work(burst=True, logging_level="WARNING")
+    connection.close()
+
+
+@contextlib.contextmanager
+def session(store_url: str) -> Iterator[Session]:
+    engine = create_engine(store_url)
+    try:
+        with Session(engine) as db:
+            yield db
+    finally:
+        engine.dispose()
+
+
+def stored_feedback(store_url: str) -> dict[str, Feedback]:
+    with session(store_url) as db:
+        return {f.id: f for f in db.scalars(select(Feedback))}
+
+
+def stored_completions(store_url: str) -> dict[str, Completion]:
+    with session(store_url) as db:
+        return {c.id: c for c in db.scalars(select(Completion))}
+
+
+def count_feedback(store_url: str) -> int:
+    with session(store_url) as db:
+        return int(db.scalar(select(func.count()).select_from(Feedback)) or 0)
+
+
+def seed_completions(redis_url: str, n: int, *, key_id: str = "full", user: str | None = None) -> list[dict[str, Any]]:
+    """`n` served-completion records written straight into Redis, as the gateway records them, with their
+    feedback tokens: for tests that need many completions faster than vLLM can serve them."""
+    client = redis.Redis.from_url(redis_url)
+    now = time.time()
+    out = []
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            cid = f"chatcmpl-seed{uuid.uuid4().hex}"
+            record = CompletionRecord(
+                id=cid,
+                model=MODEL_NAME,
+                messages=PROMPT,
+                sampling=SamplingParams(n=2, temperature=1.0, max_tokens=24),
+                choices=[
+                    ServedChoice(index=0, text=f"Answer A{i}.", finish_reason="stop", adapter=MODEL_NAME),
+                    ServedChoice(index=1, text=f"Answer B{i}.", finish_reason="stop", adapter=MODEL_NAME),
+                ],
+                key_id=key_id,
+                user=user,
+                stream=False,
+                created_at=now,
+                finished_at=now,
+                expires_at=now + 3600,
+            )
+            pipe.set(records.record_key(cid), record.model_dump_json(), ex=3600)
+            token = tokens.issue(SECRET.encode(), cid, key_id, int(now + 3600))
+            out.append({"id": cid, "pairloop": {"feedback_token": token}})
+        pipe.execute()
+    client.close()
+    return out

@@ -1,0 +1,173 @@
+"""Nothing acknowledged is lost: a worker SIGKILLed in the middle of 1,000 events, and Redis killed and
+restarted under traffic. Both against the embedded Valkey with AOF (the API waits for WAITAOF)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from deploy.redis_server import EmbeddedRedis
+from feedback.migrate import upgrade
+from serving.process import spawn, terminate
+from tests.conftest import GatewayFactory
+from tests.feedback_helpers import auth, count_feedback, seed_completions, stored_feedback, vote
+from workers.queue import status
+from workers.settings import WorkerSettings
+
+pytestmark = pytest.mark.slow
+
+WORKER_ENV = {
+    "PAIRLOOP_JOB_TIMEOUT_S": "5",
+    "PAIRLOOP_JOB_ABANDONED_AFTER_S": "2",
+    "PAIRLOOP_MAINTENANCE_INTERVAL_S": "2",
+    "PAIRLOOP_JOB_RETRY_INTERVALS_S": "0,1,2,5,10",
+}
+
+
+def start_worker(redis_url: str, store_url: str, tmp: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **WORKER_ENV,
+        "PAIRLOOP_REDIS_URL": redis_url,
+        "PAIRLOOP_DATABASE_URL": store_url,
+        "PAIRLOOP_DATA_DIR": str(tmp),
+    }
+    return spawn([sys.executable, "-m", "deploy", "worker"], env=env, log_path=log)
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str, describe: Callable[[], object] = lambda: ""
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} {describe()}")
+        time.sleep(0.2)
+
+
+async def post_all(base: str, bodies: list[dict[str, Any]], concurrency: int = 16) -> list[httpx.Response]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=30) as client:
+
+        async def one(body: dict[str, Any]) -> httpx.Response:
+            async with limit:
+                return await client.post("/v1/feedback", json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
+    make_gateway: GatewayFactory, valkey: EmbeddedRedis, store_url: str, tmp_path: Path
+) -> None:
+    gw = make_gateway(
+        ["http://127.0.0.1:9"],  # no vLLM needed: the completions are seeded
+        redis_url=valkey.url,
+        feedback={"database_url": store_url, "feedback_durability": "aof"},
+    )
+    bodies = [vote(c, preference=i % 2) for i, c in enumerate(seed_completions(valkey.url, 1000))]
+    answers = asyncio.run(post_all(gw.url, bodies))
+    assert [a.status_code for a in answers] == [202] * 1000
+    acknowledged = {a.json()["id"] for a in answers}
+
+    upgrade(store_url)
+    worker = start_worker(valkey.url, store_url, tmp_path, tmp_path / "worker1.log")
+    try:
+        wait_for(lambda: count_feedback(store_url) >= 150, 120, "the first worker to store 150 events")
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    finally:
+        terminate(worker, 5)
+    at_kill = count_feedback(store_url)
+    assert at_kill < 1000, "the worker finished before it was killed; the test proves nothing"
+
+    connection = redis.Redis.from_url(valkey.url)
+    settings = WorkerSettings()
+    worker = start_worker(valkey.url, store_url, tmp_path, tmp_path / "worker2.log")
+    try:
+        wait_for(lambda: count_feedback(store_url) >= 1000, 180, "all 1,000 events in the store")
+        wait_for(
+            lambda: (s := status(connection, settings)).queued == 0 and s.started == 0 and s.scheduled == 0,
+            60,
+            "an empty queue",
+            lambda: status(connection, settings),
+        )
+    finally:
+        terminate(worker, 20)
+    stored = stored_feedback(store_url)
+    assert set(stored) == acknowledged  # none lost, none extra (and the primary key forbids duplicates)
+    assert status(connection, settings).failed == 0
+    connection.close()
+
+
+def test_redis_killed_and_restarted_under_traffic(
+    make_gateway: GatewayFactory, valkey: EmbeddedRedis, store_url: str, tmp_path: Path
+) -> None:
+    """Clients send feedback, retrying each event with its feedback_id after a 503, while the embedded
+    Valkey is SIGKILLed and restarted from its AOF. Every event answered 202 must reach the store."""
+    gw = make_gateway(
+        ["http://127.0.0.1:9"],
+        redis_url=valkey.url,
+        retry_after_s=1,
+        feedback={"database_url": store_url, "feedback_durability": "aof"},
+    )
+    bodies = [vote(c, preference=0) for c in seed_completions(valkey.url, 400)]
+    acknowledged: set[str] = set()
+    refused: list[int] = []
+
+    async def client(chunk: list[dict[str, Any]]) -> None:
+        async with httpx.AsyncClient(base_url=gw.url, headers=auth(), timeout=30) as http:
+            for body in chunk:
+                for _ in range(100):
+                    try:
+                        resp = await http.post("/v1/feedback", json=body)
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+                        continue
+                    if resp.status_code == 202:
+                        acknowledged.add(resp.json()["id"])
+                        break
+                    assert resp.status_code == 503, resp.text
+                    refused.append(resp.status_code)
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.01)
+
+    async def chaos() -> None:
+        await asyncio.sleep(1.0)
+        assert valkey._proc is not None
+        valkey._proc.kill()  # SIGKILL: no shutdown, no final fsync
+        valkey._proc.wait()
+        await asyncio.sleep(1.0)
+        # On this (the main) thread: PR_SET_PDEATHSIG would stop the server with a pool thread that spawned it.
+        valkey.start()
+
+    async def main() -> None:
+        chunks = [bodies[i::8] for i in range(8)]
+        await asyncio.gather(chaos(), *(client(c) for c in chunks))
+
+    asyncio.run(main())
+    assert refused, "Redis was never seen down; the test proves nothing"
+    assert len(acknowledged) == 400  # every event got its 202 in the end (retries with the same id)
+
+    upgrade(store_url)
+    worker = start_worker(valkey.url, store_url, tmp_path, tmp_path / "worker.log")
+    try:
+        wait_for(
+            lambda: count_feedback(store_url) >= 400,
+            120,
+            "all acknowledged events in the store",
+            lambda: (count_feedback(store_url), (tmp_path / "worker.log").read_text()[-3000:]),
+        )
+    finally:
+        terminate(worker, 20)
+    assert set(stored_feedback(store_url)) == acknowledged

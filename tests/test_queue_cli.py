@@ -1,0 +1,84 @@
+"""Failed jobs stay visible (`pairloop queue status`, RQ's own `rq info`) and `pairloop queue retry-failed`
+requeues them; the worker then stores them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from deploy.redis_server import EmbeddedRedis
+from tests.feedback_helpers import drain, stored_feedback
+from tests.test_store import event, record
+from workers import jobs
+from workers.queue import Claim, FeedbackQueue
+from workers.runner import make_worker
+from workers.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
+    return subprocess.run(
+        [sys.executable, "-m", "deploy", *args], env=base | env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_failed_jobs_are_visible_and_can_be_retried(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    settings = WorkerSettings(job_retry_intervals_s=[])
+    queue = FeedbackQueue(valkey.url, settings)
+    events = [event(record()) for _ in range(3)]
+    for e in events:
+        assert queue.submit(e.feedback_id, e.model_dump(mode="json"), [Claim(f"t:{e.feedback_id}", "1", 60)]) is None
+
+    # The store is unreachable: every job fails, and without retries lands in the failed registry.
+    jobs.configure("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    connection = redis.Redis.from_url(valkey.url)
+    make_worker(connection, settings).work(burst=True, logging_level="ERROR")
+
+    status = cli("queue", "status", "--json", PAIRLOOP_REDIS_URL=valkey.url)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) | {"workers": 0} == {
+        "name": "pairloop-feedback",
+        "queued": 0,
+        "started": 0,
+        "scheduled": 0,
+        "failed": 3,
+        "workers": 0,
+    }
+    info = subprocess.run(
+        [str(Path(sys.executable).parent / "rq"), "info", "--url", valkey.url, "--only-queues"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info.returncode == 0, info.stderr
+    assert "pairloop-feedback" in info.stdout
+
+    retried = cli("queue", "retry-failed", PAIRLOOP_REDIS_URL=valkey.url)
+    assert retried.returncode == 0 and "requeued 3" in retried.stdout
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    drain(valkey.url, store_url)
+    assert set(stored_feedback(store_url)) == {e.feedback_id for e in events}
+    status = cli("queue", "status", "--json", PAIRLOOP_REDIS_URL=valkey.url)
+    assert json.loads(status.stdout)["failed"] == 0
+    connection.close()
+
+
+def test_queue_commands_say_when_there_is_no_redis(tmp_path: Path) -> None:
+    r = cli("queue", "status", PAIRLOOP_DATA_DIR=str(tmp_path))
+    assert r.returncode == 2 and "PAIRLOOP_REDIS_URL" in r.stderr
+
+
+def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
+    out = str(tmp_path / "x.jsonl")
+    r = cli("export", "--kind", "sft", "--out", out, PAIRLOOP_DATA_DIR=str(tmp_path))
+    assert r.returncode == 2 and "--kind" in r.stderr
+    r = cli("export", "--kind", "dpo", "--out", out, "--since", "yesterday", PAIRLOOP_DATA_DIR=str(tmp_path))
+    assert r.returncode == 2 and "ISO 8601" in r.stderr
+    assert not Path(out).exists()

@@ -1,0 +1,91 @@
+"""`pairloop worker`: RQ workers that drain the feedback queue into the preference store.
+
+The workers run jobs in their own process (RQ's `SimpleWorker`: no fork per job, which would cost more
+than the job). A worker killed in the middle of a job leaves it in RQ's started registry; once the job's
+timeout plus `job_abandoned_after_s` has passed, a live worker's maintenance pass retries it. The handler
+is idempotent, so a job whose commit landed before the kill is rerun harmlessly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+
+import redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.registry import clean_registries
+from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker_registration import clean_worker_registry
+
+from feedback.migrate import upgrade
+from workers import jobs
+from workers.queue import make_queue
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackWorker(SimpleWorker):
+    """A SimpleWorker whose abandoned jobs are taken back `abandoned_after_s` after their timeout.
+
+    RQ's default waits the job timeout plus 60 s, or 420 s without one.
+    """
+
+    abandoned_after_s = 10
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return int(job.timeout or 30) + self.abandoned_after_s
+
+    def clean_registries(self) -> None:
+        """RQ's `clean_registries`, with a lock that expires with the maintenance interval.
+
+        RQ's lock lives 899 s: a worker killed while cleaning would stop every other worker from taking
+        back abandoned jobs for 15 minutes.
+        """
+        for queue in self.queues:
+            if queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=max(1, int(self.maintenance_interval))):
+                clean_registries(queue, self._exc_handlers)
+                clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()  # type: ignore[assignment]
+
+
+def _children_die_with_worker() -> None:
+    # RQ forks a scheduler process (due retries); PR_SET_PDEATHSIG makes it exit when the worker dies,
+    # even by SIGKILL, instead of living on as an orphan.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def make_worker(connection: redis.Redis, settings: WorkerSettings, name: str | None = None) -> FeedbackWorker:
+    FeedbackWorker.abandoned_after_s = settings.job_abandoned_after_s
+    return FeedbackWorker(
+        [make_queue(connection, settings)],
+        connection=connection,
+        name=name,
+        serializer=JSONSerializer,
+        # The blocking dequeue returns every maintenance interval, so abandoned jobs and due retries are
+        # looked at on time even when the queue is idle.
+        worker_ttl=settings.maintenance_interval_s + 15,
+        maintenance_interval=settings.maintenance_interval_s,
+    )
+
+
+def run(redis_url: str, settings: WorkerSettings, *, burst: bool = False, name: str | None = None) -> None:
+    """Migrate the store, then work until SIGTERM/SIGINT (or, with `burst`, until the queue is empty).
+
+    One process is one worker; run more processes for more throughput (PostgreSQL takes their writes in
+    parallel, SQLite one at a time).
+    """
+    store_url = settings.store_url()
+    upgrade(store_url)
+    jobs.configure(store_url)
+    os.register_at_fork(after_in_child=_children_die_with_worker)
+    connection = redis.Redis.from_url(redis_url)
+    make_worker(connection, settings, name).work(burst=burst, with_scheduler=True, logging_level="INFO")
