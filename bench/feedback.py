@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/feedback.py [--events 6000] [--concurrency 32] [--rounds 3]
 
-Starts `pairloop up --workers 0` (embedded Valkey with AOF `everysec`, WAITAOF before each 202, SQLite
+Starts `pairloop up --workers 0` (embedded Valkey with AOF `always`, WAITAOF before each 202, SQLite
 store; no vLLM: the completions are written into Redis the way the gateway records them) and a bare FastAPI
 app under uvicorn that echoes a JSON body. Then, in alternating rounds with the same client and
 concurrency, it posts feedback to the gateway and the same bodies to the echo. Last, a `pairloop worker`
@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=6000, help="feedback events per round")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating echo/feedback rounds")
+    parser.add_argument("--appendfsync", choices=["always", "everysec"], default="always", help="embedded Redis")
+    parser.add_argument("--no-drain", action="store_true", help="skip the worker's drain rate")
+    parser.add_argument("--durability", choices=["aof", "none"], default="aof", help="PAIRLOOP_FEEDBACK_DURABILITY")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="pairloop-bench-") as tmp:
@@ -141,6 +144,7 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         env = {f"PAIRLOOP_{k}_LIMIT_PER_{w}": NO_LIMIT for k in ("CHAT", "FEEDBACK") for w in ("KEY", "USER")}
+        env |= {"PAIRLOOP_REDIS_APPENDFSYNC": args.appendfsync, "PAIRLOOP_FEEDBACK_DURABILITY": args.durability}
         gateway, url, key = start_gateway(
             "http://127.0.0.1:9",
             data_dir,
@@ -171,20 +175,26 @@ def main() -> None:
                 results["feedback"].append(asyncio.run(load(f"{url}/v1/feedback", key, chunk, args.concurrency)))
 
             acked = args.events * args.rounds + 200
-            drain = drain_rate(redis_url, data_dir, acked)
+            drain = None if args.no_drain else drain_rate(redis_url, data_dir, acked)
         finally:
             gateway.terminate()
             echo.terminate()
             gateway.wait(30)
             echo.wait(30)
 
-    print(f"feedback intake, {args.rounds} alternating rounds of {args.events} events, concurrency {args.concurrency}")
-    print(f"{'round':>5} {'echo rps':>9} {'fb rps':>8} {'ratio':>6} {'echo p50':>9} {'fb p50':>7} {'fb p99':>7}")
+    print(
+        f"feedback intake, {args.rounds} alternating rounds of {args.events} events, concurrency {args.concurrency}, "
+        f"appendfsync {args.appendfsync}, durability {args.durability}"
+    )
+    print(
+        f"{'round':>5} {'echo rps':>9} {'fb rps':>8} {'ratio':>6} {'echo p50':>9} {'echo p99':>9} {'fb p50':>7} "
+        f"{'fb p99':>7}"
+    )
     for r in range(args.rounds):
         e, f = results["echo"][r], results["feedback"][r]
         print(
             f"{r + 1:>5} {e['rps']:>9.0f} {f['rps']:>8.0f} {f['rps'] / e['rps']:>6.2f} "
-            f"{e['p50_ms']:>7.1f}ms {f['p50_ms']:>5.1f}ms {f['p99_ms']:>5.1f}ms"
+            f"{e['p50_ms']:>7.1f}ms {e['p99_ms']:>7.1f}ms {f['p50_ms']:>5.1f}ms {f['p99_ms']:>5.1f}ms"
         )
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms")} for k, v in results.items()}
     print(
@@ -192,7 +202,8 @@ def main() -> None:
         f"p99 {med['feedback']['p99_ms']:.1f} ms); echo ceiling {med['echo']['rps']:.0f} rps; "
         f"ratio {med['feedback']['rps'] / med['echo']['rps']:.2f}"
     )
-    print(f"drain: one worker stored {acked} events in {drain:.1f} s: {acked / drain:.0f} events/s (SQLite)")
+    if drain is not None:
+        print(f"drain: one worker stored {acked} events in {drain:.1f} s: {acked / drain:.0f} events/s (SQLite)")
 
 
 def drain_rate(redis_url: str, data_dir: Path, expected: int) -> float:

@@ -26,7 +26,7 @@ def build_app(
     app = create_app(
         settings,
         vllm_urls=vllm_urls,
-        extensions=[feedback_app.extension(settings.redis_url, feedback, workers)],
+        extensions=[feedback_app.extension(feedback, workers)],
     )
     app.include_router(feedback_app.router)
     return app

@@ -113,6 +113,7 @@ def prepare(settings: ServingSettings, *, workers: int = 1, echo_children: bool 
             stack.redis = EmbeddedRedis(
                 data_dir,
                 load_or_create(data_dir / "secrets" / "redis-password"),
+                appendfsync=settings.redis_appendfsync,
                 echo=_echo("redis") if echo_children else None,
             )
             stack.redis.start()

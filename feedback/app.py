@@ -18,14 +18,14 @@ from workers.settings import WorkerSettings
 __all__ = ["extension", "router"]
 
 
-def extension(redis_url: str, feedback: FeedbackSettings, workers: WorkerSettings) -> Extension:
+def extension(feedback: FeedbackSettings, workers: WorkerSettings) -> Extension:
     """Starts the feedback service inside the gateway's lifespan (include `router` in the app as well)."""
 
     @contextlib.asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
         settings = app.state.settings
         queue = FeedbackQueue(
-            redis_url,
+            app.state.redis,
             workers,
             wait_aof=feedback.feedback_durability == "aof",
             waitaof_timeout_ms=feedback.feedback_waitaof_timeout_ms,
@@ -44,7 +44,6 @@ def extension(redis_url: str, feedback: FeedbackSettings, workers: WorkerSetting
         try:
             yield
         finally:
-            service.close()
             app.state.store.dispose()
 
     return run

@@ -9,11 +9,9 @@ retry of the same event (the first answer again) or a conflict (409). Nothing is
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -56,7 +54,6 @@ class FeedbackService:
         registry: CollectorRegistry,
         *,
         retry_after_s: int = 5,
-        threads: int = 16,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -64,16 +61,12 @@ class FeedbackService:
         self.limiter = limiter
         self.secret = secret
         self.retry_after_s = retry_after_s
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feedback-queue")
         self.events = Counter(
             "pairloop_feedback_events",
             "Feedback requests by kind and outcome (accepted, replayed, conflict).",
             ["kind", "outcome"],
             registry=registry,
         )
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
 
     async def accept(self, request: AnyFeedback, caller: Principal) -> dict[str, Any]:
         """The 202 answer for `request`; raises a ServingError for every refusal."""
@@ -103,11 +96,8 @@ class FeedbackService:
             judge_user=judge_user,
             received_at=now,
         )
-        loop = asyncio.get_running_loop()
         try:
-            taken = await loop.run_in_executor(
-                self._executor, self.queue.submit, feedback_id, event.model_dump(mode="json"), claims
-            )
+            taken = await self.queue.submit(feedback_id, event.model_dump(mode="json"), claims)
         except QueueUnavailable as exc:
             raise Unavailable(
                 f"Feedback could not be queued durably ({exc}); retry with the same feedback_id.",

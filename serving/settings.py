@@ -58,6 +58,10 @@ class ServingSettings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis for records, queues and limits; unset: an embedded server in the data dir."
     )
+    redis_appendfsync: Literal["always", "everysec"] = Field(
+        "always",
+        description="fsync policy of the embedded Redis' append-only file (`always`: every write, before the reply).",
+    )
     vllm_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated base URLs of running vLLM servers; unset: start one as a child process.",

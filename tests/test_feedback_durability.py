@@ -95,7 +95,12 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
     settings = WorkerSettings()
     worker = start_worker(valkey.url, store_url, tmp_path, tmp_path / "worker2.log")
     try:
-        wait_for(lambda: count_feedback(store_url) >= 1000, 180, "all 1,000 events in the store")
+        wait_for(
+            lambda: count_feedback(store_url) >= 1000,
+            180,
+            "all 1,000 events in the store",
+            lambda: (count_feedback(store_url), status(connection, settings)),
+        )
         wait_for(
             lambda: (s := status(connection, settings)).queued == 0 and s.started == 0 and s.scheduled == 0,
             60,

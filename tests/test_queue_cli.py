@@ -3,13 +3,16 @@ requeues them; the worker then stores them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from deploy.redis_server import EmbeddedRedis
 from tests.feedback_helpers import drain, stored_feedback
@@ -31,10 +34,16 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_failed_jobs_are_visible_and_can_be_retried(valkey: EmbeddedRedis, tmp_path: Path) -> None:
     settings = WorkerSettings(job_retry_intervals_s=[])
-    queue = FeedbackQueue(valkey.url, settings)
     events = [event(record()) for _ in range(3)]
-    for e in events:
-        assert queue.submit(e.feedback_id, e.model_dump(mode="json"), [Claim(f"t:{e.feedback_id}", "1", 60)]) is None
+
+    async def submit() -> None:
+        async with AsyncRedis.from_url(valkey.url) as client:
+            queue = FeedbackQueue(client, settings)
+            for e in events:
+                claims = [Claim(f"t:{e.feedback_id}", "1", 60)]
+                assert await queue.submit(e.feedback_id, e.model_dump(mode="json"), claims) is None
+
+    asyncio.run(submit())
 
     # The store is unreachable: every job fails, and without retries lands in the failed registry.
     jobs.configure("postgresql+psycopg://nobody@127.0.0.1:1/none")
@@ -82,3 +91,31 @@ def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
     r = cli("export", "--kind", "dpo", "--out", out, "--since", "yesterday", PAIRLOOP_DATA_DIR=str(tmp_path))
     assert r.returncode == 2 and "ISO 8601" in r.stderr
     assert not Path(out).exists()
+
+
+def test_a_job_whose_worker_died_is_run_again(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    """An entry of RQ's started registry whose time ran out (its worker was SIGKILLed) goes back to the queue."""
+    settings = WorkerSettings()
+    e = event(record())
+
+    async def submit() -> None:
+        async with AsyncRedis.from_url(valkey.url) as client:
+            await FeedbackQueue(client, settings).submit(e.feedback_id, e.model_dump(mode="json"), [])
+
+    asyncio.run(submit())
+    connection = redis.Redis.from_url(valkey.url)
+    worker = make_worker(connection, settings)
+    queue = worker.queues[0]
+    # What a worker killed in the middle of the job leaves behind: the job taken off the queue, marked
+    # started, and an execution entry that expired.
+    assert connection.lpop(queue.key) == e.feedback_id.encode()
+    connection.hset(f"rq:job:{e.feedback_id}", "status", "started")
+    connection.zadd(f"rq:wip:{queue.name}", {f"{e.feedback_id}:dead-execution": time.time() - 1})
+
+    assert worker.requeue_abandoned(queue) == 1
+    assert queue.job_ids == [e.feedback_id]
+    assert connection.zcard(f"rq:wip:{queue.name}") == 0
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    drain(valkey.url, store_url)
+    assert list(stored_feedback(store_url)) == [e.feedback_id]
+    connection.close()

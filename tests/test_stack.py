@@ -29,7 +29,7 @@ def test_embedded_redis_is_durable_and_private(tmp_path: Path) -> None:
     try:
         client = redis.Redis.from_url(server.url, decode_responses=True)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
-        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert client.config_get("bind")["bind"] == "127.0.0.1"
         client.set("k", "v")

@@ -1,22 +1,28 @@
 """The feedback queue: RQ over Redis, with the JSON serializer and retries.
 
-`FeedbackQueue.submit` is what the API calls for each event. In one Redis transaction it checks the
-event's claims (its `feedback_id`, and the judge's vote on that completion), sets them, and enqueues the
-RQ job; then it waits until Redis has fsynced that write to its append-only file (`WAITAOF`). So an
-event is either queued durably with its claims, or not at all, and the API can answer 202 for it.
+`FeedbackQueue.submit` is what the API calls for each event. One Lua script checks the event's claims (its
+`feedback_id`, and the judge's verdict on that completion), and only if all are free sets them and writes
+the RQ job; `WAITAOF` follows on the same connection, in the same round trip, so the API answers 202 only
+once Redis has fsynced that write to its append-only file. An event is queued durably with its claims, or
+not at all.
 
-The calls are blocking (RQ is synchronous); the API runs them in a small thread pool. Each thread has its
-own single-connection client, because `WAITAOF` waits for the writes of the connection it is sent on.
+The job itself is made by RQ: `Queue.enqueue_call` runs against a recorder that stands in for a redis-py
+pipeline, and the commands it records (HSET of the job, RPUSH onto the queue, SADD of the queue) run inside
+the script. So the jobs are exactly what RQ's workers and `rq info` expect, while the API stays on asyncio
+and spends one round trip per event.
 """
 
 from __future__ import annotations
 
-import threading
+import hashlib
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.asyncio import Redis as AsyncRedis
+from redis.commands.core import CoreCommands
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from rq import Queue, Retry
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
@@ -27,6 +33,38 @@ from workers.settings import WorkerSettings
 
 JOB_FUNCTION = "workers.jobs.store_feedback"
 FAILURE_TTL_S = 30 * 24 * 3600
+
+# KEYS: the claim keys. ARGV: the claim count, the claims' TTL in ms, the claim values, then the commands that
+# enqueue the job: their count, and for each its argument count and arguments.
+# Returns nil when the claims were set and the job written; else the claims' current values (nil where free).
+_SUBMIT = """
+local n = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local values = {}
+local taken = false
+for i = 1, n do
+  values[i] = redis.call('GET', KEYS[i])
+  if values[i] then taken = true end
+end
+if taken then
+  -- A retry. Write something (refresh the claims' TTL), so that the WAITAOF that follows covers the first
+  -- attempt's writes too: that attempt may have failed between its write and its fsync.
+  for i = 1, n do
+    if values[i] then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+  return values
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[2 + i], 'PX', ttl)
+end
+local pos = 3 + n
+for c = 1, tonumber(ARGV[pos]) do
+  local argc = tonumber(ARGV[pos + 1])
+  redis.call(unpack(ARGV, pos + 2, pos + 1 + argc))
+  pos = pos + 1 + argc
+end
+return nil
+"""
 
 
 class QueueUnavailable(Exception):
@@ -46,102 +84,107 @@ def make_queue(connection: redis.Redis, settings: WorkerSettings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
+class _Recorder(CoreCommands):
+    """Takes the place of a redis-py pipeline in RQ's enqueue and keeps the commands instead of sending them."""
+
+    explicit_transaction = True
+    _event_dispatcher: Any = None
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def multi(self) -> None:
+        pass
+
+    def execute_command(self, *args: Any, **options: Any) -> _Recorder:
+        self.commands.append(args)
+        return self
+
+
 class FeedbackQueue:
     def __init__(
         self,
-        redis_url: str,
+        client: AsyncRedis,
         settings: WorkerSettings,
         *,
         wait_aof: bool = True,
         waitaof_timeout_ms: int = 2000,
-        socket_timeout_s: float = 5.0,
     ) -> None:
-        self.redis_url = redis_url
+        self.redis = client
         self.settings = settings
         self.wait_aof = wait_aof
         self.waitaof_timeout_ms = waitaof_timeout_ms
-        self.socket_timeout_s = socket_timeout_s
-        self._local = threading.local()
         retries = settings.job_retry_intervals_s
         self._retry = Retry(max=len(retries), interval=retries) if retries else None
+        # RQ needs a connection object to build jobs; nothing is sent on it (see `_job_commands`).
+        self._rq = make_queue(redis.Redis(), settings)
+        self._rq.redis_server_version = (7, 0, 0)
+        self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
 
-    def _thread_client(self) -> tuple[redis.Redis, Queue]:
-        client: redis.Redis | None = getattr(self._local, "client", None)
-        if client is None:
-            pool = redis.BlockingConnectionPool.from_url(
-                self.redis_url,
-                max_connections=1,
-                timeout=self.socket_timeout_s,
-                socket_timeout=self.socket_timeout_s + self.waitaof_timeout_ms / 1000,
-                socket_connect_timeout=2.0,
-            )
-            client = redis.Redis(connection_pool=pool)
-            queue = make_queue(client, self.settings)
-            # RQ asks the server's version while enqueueing; ask now, outside the transaction that holds
-            # this thread's only connection.
-            queue.get_redis_server_version()
-            self._local.client, self._local.queue = client, queue
-        return client, self._local.queue
+    def _job_commands(self, job_id: str, payload: dict[str, Any]) -> list[tuple[Any, ...]]:
+        recorder = _Recorder()
+        self._rq.enqueue_call(
+            JOB_FUNCTION,
+            args=(payload,),
+            job_id=job_id,
+            description=f"store feedback {job_id}",
+            timeout=self.settings.job_timeout_s,
+            result_ttl=0,
+            failure_ttl=FAILURE_TTL_S,
+            retry=self._retry,
+            pipeline=recorder,  # type: ignore[arg-type]
+        )
+        return recorder.commands
 
-    def submit(self, job_id: str, payload: dict[str, Any], claims: list[Claim]) -> dict[str, str | None] | None:
+    async def submit(self, job_id: str, payload: dict[str, Any], claims: list[Claim]) -> dict[str, str | None] | None:
         """Enqueue `payload` as job `job_id` with its claims, durably; or, when a claim is taken, nothing.
 
         Returns None when the job was enqueued, else the current value of every claim key (None where
         free): the caller decides whether that is a retry of the same event or a conflict.
         Raises QueueUnavailable when Redis is unreachable or the write could not be made durable.
         """
+        ttl_ms = 1000 * min((c.ttl_s for c in claims), default=1)
+        args: list[Any] = [len(claims), ttl_ms, *(c.value for c in claims)]
+        commands = self._job_commands(job_id, payload)
+        args.append(len(commands))
+        for command in commands:
+            args += [len(command), *(a.value if isinstance(a, Enum) else a for a in command)]
         keys = [c.key for c in claims]
-        taken: dict[str, str | None] | None = None
         try:
-            client, queue = self._thread_client()
-            with client.pipeline() as pipe:
-                while True:
-                    try:
-                        pipe.watch(*keys)
-                        values = [v if v is None or isinstance(v, str) else v.decode() for v in pipe.mget(keys)]
-                        if any(v is not None for v in values):
-                            pipe.unwatch()
-                            taken = dict(zip(keys, values, strict=True))
-                            break
-                        pipe.multi()
-                        for claim in claims:
-                            pipe.set(claim.key, claim.value, ex=claim.ttl_s)
-                        queue.enqueue_call(
-                            JOB_FUNCTION,
-                            args=(payload,),
-                            job_id=job_id,
-                            timeout=self.settings.job_timeout_s,
-                            result_ttl=0,
-                            failure_ttl=FAILURE_TTL_S,
-                            retry=self._retry,
-                            pipeline=pipe,
-                        )
-                        pipe.execute()
-                        taken = None
-                        break
-                    except WatchError:
-                        continue
-            if taken is not None:
-                # A retry: the first attempt may have failed before its fsync. Write (refresh a claim's TTL)
-                # and wait for the fsync, which covers everything written before it.
-                present = next(c for c in claims if taken[c.key] is not None)
-                client.expire(present.key, present.ttl_s)
-            self._sync(client)
-            return taken
+            results = await self._run(keys, args)
+            if isinstance(results[0], NoScriptError):  # a restarted Redis forgot the script
+                await self.redis.script_load(_SUBMIT)
+                results = await self._run(keys, args)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"Redis: {exc}") from exc
+        taken = results[0]
+        if isinstance(taken, Exception):
+            raise QueueUnavailable(f"Redis: {taken}")
+        if self.wait_aof:
+            self._check_fsync(results[1])
+        if taken is None:
+            return None
+        return {c.key: None if v is None else v.decode() for c, v in zip(claims, taken, strict=True)}
 
-    def _sync(self, client: redis.Redis) -> None:
-        if not self.wait_aof:
-            return
-        try:
-            local, _ = client.execute_command("WAITAOF", 1, 0, self.waitaof_timeout_ms)
-        except ResponseError as exc:
+    async def _run(self, keys: list[str], args: list[Any]) -> list[Any]:
+        # EVALSHA and WAITAOF in one round trip on one connection (WAITAOF waits for that connection's writes).
+        # Not redis-py's Script object: in a pipeline it asks SCRIPT EXISTS first, a round trip per event.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+            if self.wait_aof:
+                pipe.execute_command("WAITAOF", 1, 0, self.waitaof_timeout_ms)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    def _check_fsync(self, reply: Any) -> None:
+        if isinstance(reply, ResponseError):
             raise QueueUnavailable(
-                f"Redis cannot confirm the event is on disk ({exc}). Turn on `appendonly yes` (Redis >= 7.2 or "
+                f"Redis cannot confirm the event is on disk ({reply}). Turn on `appendonly yes` (Redis >= 7.2 or "
                 "Valkey), or set PAIRLOOP_FEEDBACK_DURABILITY=none to accept events held only in memory."
-            ) from exc
-        if int(local) < 1:
+            )
+        if isinstance(reply, Exception):
+            raise QueueUnavailable(f"Redis: {reply}")
+        if int(reply[0]) < 1:
             raise QueueUnavailable(f"Redis did not fsync its AOF within {self.waitaof_timeout_ms} ms")
 
 

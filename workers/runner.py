@@ -13,11 +13,12 @@ import ctypes
 import logging
 import os
 import signal
+import time
 
 import redis
-from rq import SimpleWorker
-from rq.job import Job
-from rq.registry import clean_registries
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker_registration import clean_worker_registry
@@ -42,18 +43,44 @@ class FeedbackWorker(SimpleWorker):
         return int(job.timeout or 30) + self.abandoned_after_s
 
     def clean_registries(self) -> None:
-        """RQ's `clean_registries`, with a lock that expires with the maintenance interval.
+        """Take back abandoned jobs, then RQ's `clean_registries`, under a lock that expires with the interval.
 
         RQ's lock lives 899 s: a worker killed while cleaning would stop every other worker from taking
         back abandoned jobs for 15 minutes.
         """
         for queue in self.queues:
             if queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=max(1, int(self.maintenance_interval))):
+                self.requeue_abandoned(queue)
                 clean_registries(queue, self._exc_handlers)
                 clean_worker_registry(queue)
                 queue.intermediate_queue.cleanup(self, queue)
                 queue.release_maintenance_lock()
         self.last_cleaned_at = now()  # type: ignore[assignment]
+
+    def requeue_abandoned(self, queue: Queue) -> int:
+        """Put jobs whose worker died back at the front of the queue, at once; how many.
+
+        RQ's own cleanup retries only jobs already marked started (a worker killed between taking a job and
+        marking it waits a minute in RQ's intermediate queue) and through the retry schedule, which needs
+        a scheduler process whose lock a dead worker may still hold. Running a job twice is harmless here
+        (the store ignores a second insert), so every expired entry is simply run again.
+        """
+        registry = StartedJobRegistry(queue=queue)
+        count = 0
+        expired: list[bytes] = queue.connection.zrangebyscore(registry.key, 0, time.time())  # type: ignore[assignment]
+        for entry in expired:
+            job = queue.fetch_job(registry.parse_job_id(entry.decode()))
+            with queue.connection.pipeline() as pipe:
+                pipe.multi()  # before any command: RQ's enqueue_job below adds to this transaction
+                pipe.zrem(registry.key, entry)
+                if job is not None and job.get_status() not in (JobStatus.FINISHED, JobStatus.FAILED):
+                    pipe.lrem(queue.intermediate_queue_key, 0, job.id)
+                    queue.enqueue_job(job, pipeline=pipe, at_front=True)
+                    count += 1
+                pipe.execute()
+        if count:
+            self.log.warning("requeued %d job(s) whose worker died", count)
+        return count
 
 
 def _children_die_with_worker() -> None:
