@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -125,7 +125,11 @@ def queue_status(
     from workers.queue import status
 
     settings = _worker_settings(data_dir)
-    counts = status(redis.Redis.from_url(_redis_url(settings)), settings).as_dict()
+    url = _redis_url(settings)
+    try:
+        counts = status(redis.Redis.from_url(url, socket_connect_timeout=5), settings).as_dict()
+    except redis.RedisError as exc:
+        _fail(f"cannot read the queue: {exc}")
     if as_json:
         typer.echo(json.dumps(counts))
     else:
@@ -142,7 +146,12 @@ def queue_retry_failed(
     from workers.queue import retry_failed
 
     settings = _worker_settings(data_dir)
-    typer.echo(f"requeued {retry_failed(redis.Redis.from_url(_redis_url(settings)), settings)} failed jobs")
+    url = _redis_url(settings)
+    try:
+        count = retry_failed(redis.Redis.from_url(url, socket_connect_timeout=5), settings)
+    except redis.RedisError as exc:
+        _fail(f"cannot reach the queue: {exc}")
+    typer.echo(f"requeued {count} failed jobs")
 
 
 @db_app.command("upgrade")
@@ -188,13 +197,22 @@ def export(
             raise typer.BadParameter(f"--since: not an ISO 8601 time: {since!r}") from None
         if start.tzinfo is None:
             start = start.replace(tzinfo=dt.UTC)
+    from sqlalchemy.exc import SQLAlchemyError
+
     engine = make_engine(_worker_settings(data_dir).store_url())
     try:
         with Session(engine) as session:
             report = run_export(session, kind, out, fmt, start)  # type: ignore[arg-type]
+    except SQLAlchemyError as exc:
+        _fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
     finally:
         engine.dispose()
     typer.echo(json.dumps({"out": str(out), **report.as_dict()}))
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
 
 
 def _env_data_dir() -> Path | None:

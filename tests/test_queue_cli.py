@@ -82,6 +82,9 @@ def test_failed_jobs_are_visible_and_can_be_retried(valkey: EmbeddedRedis, tmp_p
 def test_queue_commands_say_when_there_is_no_redis(tmp_path: Path) -> None:
     r = cli("queue", "status", PAIRLOOP_DATA_DIR=str(tmp_path))
     assert r.returncode == 2 and "PAIRLOOP_REDIS_URL" in r.stderr
+    for command in ("status", "retry-failed"):
+        r = cli("queue", command, PAIRLOOP_REDIS_URL="redis://127.0.0.1:1/0")
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "127.0.0.1:1" in r.stderr
 
 
 def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
@@ -90,6 +93,8 @@ def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--kind" in r.stderr
     r = cli("export", "--kind", "dpo", "--out", out, "--since", "yesterday", PAIRLOOP_DATA_DIR=str(tmp_path))
     assert r.returncode == 2 and "ISO 8601" in r.stderr
+    r = cli("export", "--kind", "dpo", "--out", out, PAIRLOOP_DATA_DIR=str(tmp_path))  # no store there yet
+    assert r.returncode == 1 and "pairloop db upgrade" in r.stderr and "Traceback" not in r.stderr
     assert not Path(out).exists()
 
 
