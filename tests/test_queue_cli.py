@@ -124,3 +124,29 @@ def test_a_job_whose_worker_died_is_run_again(valkey: EmbeddedRedis, tmp_path: P
     drain(valkey.url, store_url)
     assert list(stored_feedback(store_url)) == [e.feedback_id]
     connection.close()
+
+
+def test_a_job_taken_by_a_worker_that_died_at_once_is_run_again(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    """A worker killed right after taking a job (RQ's intermediate queue, no execution yet): requeued on the
+    maintenance pass after the one that first saw it."""
+    settings = WorkerSettings(maintenance_interval_s=1)
+    e = event(record())
+
+    async def submit() -> None:
+        async with AsyncRedis.from_url(valkey.url) as client:
+            await FeedbackQueue(client, settings).submit(e.feedback_id, e.model_dump(mode="json"), [])
+
+    asyncio.run(submit())
+    connection = redis.Redis.from_url(valkey.url)
+    worker = make_worker(connection, settings)
+    queue = worker.queues[0]
+    assert connection.lmove(queue.key, queue.intermediate_queue.key) == e.feedback_id.encode()
+
+    assert worker.requeue_abandoned(queue) == 0  # first seen now: a live worker could be about to claim it
+    time.sleep(1.2)
+    assert worker.requeue_abandoned(queue) == 1
+    assert queue.job_ids == [e.feedback_id] and queue.intermediate_queue.get_job_ids() == []
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    drain(valkey.url, store_url)
+    assert list(stored_feedback(store_url)) == [e.feedback_id]
+    connection.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from datetime import timedelta
 
 import redis
 from rq import Queue, SimpleWorker
@@ -60,21 +61,33 @@ class FeedbackWorker(SimpleWorker):
     def requeue_abandoned(self, queue: Queue) -> int:
         """Put jobs whose worker died back at the front of the queue, at once; how many.
 
-        RQ's own cleanup retries only jobs already marked started (a worker killed between taking a job and
-        marking it waits a minute in RQ's intermediate queue) and through the retry schedule, which needs
-        a scheduler process whose lock a dead worker may still hold. Running a job twice is harmless here
-        (the store ignores a second insert), so every expired entry is simply run again.
+        Two places hold them. An execution in RQ's started registry whose time ran out; and a job in RQ's
+        intermediate queue (where a worker moves it when it takes it) that no execution has claimed since
+        the previous maintenance pass: a live worker claims it within milliseconds. RQ's own cleanup
+        retries only jobs already marked started, through a retry schedule that needs a scheduler whose
+        lock a dead worker may hold, and leaves the intermediate queue for a minute. Running a job twice is
+        harmless here (the store ignores a second insert), so these are simply run again.
         """
         registry = StartedJobRegistry(queue=queue)
-        count = 0
         expired: list[bytes] = queue.connection.zrangebyscore(registry.key, 0, time.time())  # type: ignore[assignment]
-        for entry in expired:
-            job = queue.fetch_job(registry.parse_job_id(entry.decode()))
+        claimed = set(registry.get_job_ids(cleanup=False))
+        intermediate = queue.intermediate_queue
+        stuck = []
+        for job_id in intermediate.get_job_ids():
+            if job_id in claimed or intermediate.set_first_seen(job_id):
+                continue
+            first_seen = intermediate.get_first_seen(job_id)
+            if first_seen and now() - first_seen > timedelta(seconds=self.maintenance_interval):
+                stuck.append(job_id)
+        count = 0
+        for job_id, entry in [(registry.parse_job_id(e.decode()), e) for e in expired] + [(j, None) for j in stuck]:
+            job = queue.fetch_job(job_id)
             with queue.connection.pipeline() as pipe:
                 pipe.multi()  # before any command: RQ's enqueue_job below adds to this transaction
-                pipe.zrem(registry.key, entry)
+                if entry is not None:
+                    pipe.zrem(registry.key, entry)
+                pipe.lrem(intermediate.key, 0, job_id)
                 if job is not None and job.get_status() not in (JobStatus.FINISHED, JobStatus.FAILED):
-                    pipe.lrem(queue.intermediate_queue_key, 0, job.id)
                     queue.enqueue_job(job, pipeline=pipe, at_front=True)
                     count += 1
                 pipe.execute()
