@@ -28,6 +28,9 @@ def start_gateway(
     """(process, base URL, development API key) of a gateway over `vllm_url` with an embedded Redis in `data_dir`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
+    # Rate limits stay on (their Redis round trip is part of the gateway's cost) but far above the load.
+    high = '{"per_s": 1000000, "burst": 1000000}'
+    env |= {"PAIRLOOP_CHAT_LIMIT_PER_KEY": high, "PAIRLOOP_CHAT_LIMIT_PER_USER": high}
     env |= {"PAIRLOOP_VLLM_URLS": vllm_url, "PAIRLOOP_SERVED_MODEL_NAME": served_name, **(env_extra or {})}
     cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(data_dir), *args]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
