@@ -1,6 +1,6 @@
 """Feedback intake: acknowledged events per second and latency, against a bare JSON echo as the ceiling.
 
-    .venv/bin/python bench/feedback.py [--events 6000] [--concurrency 32] [--rounds 3]
+    .venv/bin/python bench/feedback.py [--events 4000] [--concurrency 32] [--rounds 3]
 
 Starts `pairloop up --workers 0` (embedded Valkey with AOF `always`, WAITAOF before each 202, SQLite
 store; no vLLM: the completions are written into Redis the way the gateway records them) and a bare FastAPI
@@ -125,7 +125,7 @@ async def load(url: str, key: str, bodies: list[dict[str, Any]], concurrency: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=6000, help="feedback events per round")
+    parser.add_argument("--events", type=int, default=4000, help="feedback events per round")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating echo/feedback rounds")
     parser.add_argument("--appendfsync", choices=["always", "everysec"], default="always", help="embedded Redis")
