@@ -72,17 +72,21 @@ class PayloadTooLarge(ServingError):
     code = "payload_too_large"
 
 
-class RateLimited(ServingError):
-    status_code = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
+class _RetryLater(ServingError):
+    """An answer that tells the client when to try again (`Retry-After`)."""
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class RateLimited(_RetryLater):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class UpstreamError(ServingError):
@@ -95,17 +99,10 @@ class UpstreamError(ServingError):
         self.status_code = status_code
 
 
-class Unavailable(ServingError):
+class Unavailable(_RetryLater):
     status_code = 503
     type = "service_unavailable"
     code = "unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

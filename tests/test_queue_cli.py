@@ -13,13 +13,15 @@ from pathlib import Path
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
 
 from deploy.redis_server import EmbeddedRedis
+from feedback.schema import FeedbackEvent
 from tests.feedback_helpers import drain, stored_feedback
 from tests.test_store import event, record
 from workers import jobs
 from workers.queue import Claim, FeedbackQueue
-from workers.runner import make_worker
+from workers.runner import FeedbackWorker, make_worker
 from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,9 +100,10 @@ def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
     assert not Path(out).exists()
 
 
-def test_a_job_whose_worker_died_is_run_again(valkey: EmbeddedRedis, tmp_path: Path) -> None:
-    """An entry of RQ's started registry whose time ran out (its worker was SIGKILLed) goes back to the queue."""
-    settings = WorkerSettings()
+def enqueue_one(
+    valkey: EmbeddedRedis, settings: WorkerSettings
+) -> tuple[FeedbackEvent, redis.Redis, FeedbackWorker, Queue]:
+    """One event queued through the API's queue, and a worker (not started) on that queue."""
     e = event(record())
 
     async def submit() -> None:
@@ -110,7 +113,13 @@ def test_a_job_whose_worker_died_is_run_again(valkey: EmbeddedRedis, tmp_path: P
     asyncio.run(submit())
     connection = redis.Redis.from_url(valkey.url)
     worker = make_worker(connection, settings)
-    queue = worker.queues[0]
+    return e, connection, worker, worker.queues[0]
+
+
+def test_a_job_whose_worker_died_is_run_again(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    """An entry of RQ's started registry whose time ran out (its worker was SIGKILLed) goes back to the queue."""
+    settings = WorkerSettings()
+    e, connection, worker, queue = enqueue_one(valkey, settings)
     # What a worker killed in the middle of the job leaves behind: the job taken off the queue, marked
     # started, and an execution entry that expired.
     assert connection.lpop(queue.key) == e.feedback_id.encode()
@@ -130,16 +139,7 @@ def test_a_job_taken_by_a_worker_that_died_at_once_is_run_again(valkey: Embedded
     """A worker killed right after taking a job (RQ's intermediate queue, no execution yet): requeued on the
     maintenance pass after the one that first saw it."""
     settings = WorkerSettings(maintenance_interval_s=1)
-    e = event(record())
-
-    async def submit() -> None:
-        async with AsyncRedis.from_url(valkey.url) as client:
-            await FeedbackQueue(client, settings).submit(e.feedback_id, e.model_dump(mode="json"), [])
-
-    asyncio.run(submit())
-    connection = redis.Redis.from_url(valkey.url)
-    worker = make_worker(connection, settings)
-    queue = worker.queues[0]
+    e, connection, worker, queue = enqueue_one(valkey, settings)
     assert connection.lmove(queue.key, queue.intermediate_queue.key) == e.feedback_id.encode()
 
     assert worker.requeue_abandoned(queue) == 0  # first seen now: a live worker could be about to claim it
