@@ -105,11 +105,16 @@ def worker(
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
 ) -> None:
     """Run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from workers.runner import run
 
     _logging()
     settings = _worker_settings(data_dir)
-    run(_redis_url(settings), settings, burst=burst, name=name)
+    try:
+        run(_redis_url(settings), settings, burst=burst, name=name)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot open the preference store: {exc}")
 
 
 @queue_app.command("status")
@@ -159,11 +164,16 @@ def db_upgrade(
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
 ) -> None:
     """Create or migrate the preference store (env PAIRLOOP_DATABASE_URL; default SQLite in the data dir)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from feedback.migrate import current, upgrade
 
     url = _worker_settings(data_dir).store_url()
-    upgrade(url)
-    typer.echo(f"store at revision {current(url)}")
+    try:
+        upgrade(url)
+        typer.echo(f"store at revision {current(url)}")
+    except SQLAlchemyError as exc:
+        _fail(f"cannot migrate the preference store: {exc}")
 
 
 @app.command()

@@ -95,6 +95,8 @@ def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--kind" in r.stderr
     r = cli("export", "--kind", "dpo", "--out", out, "--since", "yesterday", PAIRLOOP_DATA_DIR=str(tmp_path))
     assert r.returncode == 2 and "ISO 8601" in r.stderr
+    r = cli("db", "upgrade", PAIRLOOP_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert r.returncode == 1 and "cannot migrate" in r.stderr and "Traceback" not in r.stderr
     r = cli("export", "--kind", "dpo", "--out", out, PAIRLOOP_DATA_DIR=str(tmp_path))  # no store there yet
     assert r.returncode == 1 and "pairloop db upgrade" in r.stderr and "Traceback" not in r.stderr
     assert not Path(out).exists()
