@@ -152,3 +152,23 @@ def test_a_job_taken_by_a_worker_that_died_at_once_is_run_again(valkey: Embedded
     drain(valkey.url, store_url)
     assert list(stored_feedback(store_url)) == [e.feedback_id]
     connection.close()
+
+
+def test_a_retry_whose_scheduler_died_is_run(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    """A retry left in RQ's scheduled registry while a dead worker's scheduler holds the lock (up to 61 s):
+    enqueued by the maintenance pass once it is overdue by a maintenance interval, not before."""
+    settings = WorkerSettings(maintenance_interval_s=1)
+    e, connection, worker, queue = enqueue_one(valkey, settings)
+    assert connection.lpop(queue.key) == e.feedback_id.encode()
+    connection.hset(f"rq:job:{e.feedback_id}", "status", "scheduled")
+    connection.set(f"rq:scheduler-lock:{queue.name}", "dead-scheduler", ex=61)
+    connection.zadd(queue.scheduled_job_registry.key, {e.feedback_id: int(time.time())})
+
+    assert worker.enqueue_overdue_retries(queue) == 0  # due now: a live scheduler would take it
+    time.sleep(2.1)
+    assert worker.enqueue_overdue_retries(queue) == 1
+    assert queue.job_ids == [e.feedback_id] and queue.scheduled_job_registry.count == 0
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    drain(valkey.url, store_url)
+    assert list(stored_feedback(store_url)) == [e.feedback_id]
+    connection.close()

@@ -52,6 +52,7 @@ class FeedbackWorker(SimpleWorker):
         for queue in self.queues:
             if queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=max(1, int(self.maintenance_interval))):
                 self.requeue_abandoned(queue)
+                self.enqueue_overdue_retries(queue)
                 clean_registries(queue, self._exc_handlers)
                 clean_worker_registry(queue)
                 queue.intermediate_queue.cleanup(self, queue)
@@ -93,6 +94,32 @@ class FeedbackWorker(SimpleWorker):
                 pipe.execute()
         if count:
             self.log.warning("requeued %d job(s) whose worker died", count)
+        return count
+
+    def enqueue_overdue_retries(self, queue: Queue) -> int:
+        """Enqueue retries that are due for longer than a maintenance interval; how many.
+
+        RQ's scheduler enqueues due retries every second, but only in the process that holds the queue's
+        scheduler lock. A worker SIGKILLed with its scheduler leaves that lock behind for up to 61 s
+        (`interval + 60`, rq/scheduler.py), and its retries would wait as long. A retry overdue by a whole
+        maintenance interval means no scheduler is running, so the worker enqueues it itself, as
+        `RQScheduler.enqueue_scheduled_jobs` does. Should a scheduler come back at that moment, the job
+        may run twice, which the idempotent handler allows.
+        """
+        registry = queue.scheduled_job_registry
+        job_ids = registry.get_jobs_to_schedule(int(time.time() - max(1.0, self.maintenance_interval)))
+        count = 0
+        for job_id in job_ids:
+            job = queue.fetch_job(job_id)
+            with queue.connection.pipeline() as pipe:
+                pipe.multi()
+                registry.remove(job_id, pipeline=pipe)
+                if job is not None:
+                    queue.enqueue_job(job, pipeline=pipe, at_front=True)
+                    count += 1
+                pipe.execute()
+        if count:
+            self.log.warning("enqueued %d overdue retr%s (no scheduler ran them)", count, "y" if count == 1 else "ies")
         return count
 
 
