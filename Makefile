@@ -32,6 +32,8 @@ bench: setup
 	$(BIN)/python bench/pairs.py
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/feedback.py
+	$(BIN)/python bench/swap.py
+	$(BIN)/python bench/train.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -40,8 +40,12 @@ def up(
         typer.Option(help="HF model id or local path (env PAIRLOOP_MODEL); default: the embedded tiny model."),
     ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Feedback workers to run as children (0: none).")] = 1,
+    training: Annotated[
+        bool, typer.Option(help="Run the learning loop (a training worker and the cron check).")
+    ] = True,
 ) -> None:
-    """Run the embedded Redis, vLLM, the gateway and a feedback worker in the foreground; Ctrl-C stops them all."""
+    """Run the embedded Redis, vLLM, the gateway, a feedback worker and the learning loop in the foreground;
+    Ctrl-C stops them all."""
     from deploy import stack
     from serving.settings import ServingSettings
 
@@ -53,7 +57,7 @@ def up(
         settings = ServingSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(_explain(exc)) from None
-    stack.run(settings, workers=workers)
+    stack.run(settings, workers=workers, training=training)
 
 
 @model_app.command("build-tiny")
@@ -102,9 +106,11 @@ def _redis_url(settings: WorkerSettings) -> str:
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
     name: Annotated[str | None, typer.Option(help="Worker name in RQ (default: random).")] = None,
+    training: Annotated[bool, typer.Option(help="Run training rounds instead of storing feedback.")] = False,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
 ) -> None:
-    """Run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL)."""
+    """Run one RQ worker that stores queued feedback events and runs the loop's periodic checks (env
+    PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL); with --training, one that runs training rounds."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from workers.runner import run
@@ -112,7 +118,7 @@ def worker(
     _logging()
     settings = _worker_settings(data_dir)
     try:
-        run(_redis_url(settings), settings, burst=burst, name=name)
+        run(_redis_url(settings), settings, burst=burst, name=name, training=training)
     except SQLAlchemyError as exc:
         _fail(f"cannot open the preference store: {exc}")
 
@@ -234,3 +240,6 @@ def _env_data_dir() -> Path | None:
 
 def _explain(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+
+
+from deploy import loop_cli  # noqa: E402,F401  (registers `train`, `cron` and `adapters`)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from deploy import admin
 from feedback import app as feedback_app
 from feedback.settings import FeedbackSettings
 from serving.app import create_app
 from serving.settings import ServingSettings
+from trainer.settings import TrainerSettings
 from workers.settings import WorkerSettings
 
 
@@ -17,8 +19,10 @@ def build_app(
     workers: WorkerSettings | None = None,
     *,
     vllm_urls: list[str] | None = None,
+    trainer: TrainerSettings | None = None,
 ) -> FastAPI:
-    """Gateway + feedback. The feedback and queue settings default to the environment, in the same data dir."""
+    """Gateway + feedback + the loop's admin API. The other packages' settings default to the environment,
+    in the same data dir."""
     if not settings.redis_url:
         raise ValueError("the gateway needs PAIRLOOP_REDIS_URL (`pairloop up` starts an embedded one)")
     feedback = feedback or FeedbackSettings(data_dir=settings.data_dir)
@@ -29,4 +33,6 @@ def build_app(
         extensions=[feedback_app.extension(feedback, workers)],
     )
     app.include_router(feedback_app.router)
+    app.state.trainer_settings = trainer or TrainerSettings(data_dir=settings.data_dir)
+    app.include_router(admin.router)
     return app

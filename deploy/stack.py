@@ -101,7 +101,7 @@ def resolve_model(settings: ServingSettings) -> tuple[str, str]:
     return str(out), settings.served_model_name or TINY_MODEL_NAME
 
 
-def prepare(settings: ServingSettings, *, workers: int = 1, echo_children: bool = True) -> Stack:
+def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = True, echo_children: bool = True) -> Stack:
     """Start the children `settings` asks for and return the complete settings for the gateway."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +133,21 @@ def prepare(settings: ServingSettings, *, workers: int = 1, echo_children: bool 
             stack.workers.append(worker)
             worker.start()
         stack.notes.append(f"{workers} feedback worker(s) storing into it (more: `pairloop worker`)")
+        if training:
+            url = str(update.get("redis_url") or settings.redis_url)
+            env = {"PAIRLOOP_MODEL": settings.model} if settings.model else {}
+            for args, label in ((("worker", "--training"), "trainer"), (("cron",), "cron")):
+                child = WorkerProcess(
+                    url,
+                    data_dir,
+                    args=args,
+                    env=env,
+                    log_path=data_dir / "logs" / f"{label}.log",
+                    echo=_echo(label) if echo_children else None,
+                )
+                stack.workers.append(child)
+                child.start()
+            stack.notes.append("learning loop: a training worker and the cron check (`pairloop adapters list`)")
         if not settings.api_keys:
             stack.dev_key = load_or_create(data_dir / "secrets" / "dev-api-key", prefix="pl-dev-")
             update["api_keys"] = [ApiKey(id=DEV_KEY_ID, key=stack.dev_key, scopes=list(ALL_SCOPES))]
@@ -180,9 +195,9 @@ def banner(stack: Stack) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: ServingSettings, *, workers: int = 1) -> None:
+def run(settings: ServingSettings, *, workers: int = 1, training: bool = True) -> None:
     """Start everything, serve until SIGINT/SIGTERM, then stop every child that was started."""
-    stack = prepare(settings, workers=workers)
+    stack = prepare(settings, workers=workers, training=training)
     try:
         app = build_app(stack.settings)
         if stack.engine:

@@ -1,4 +1,4 @@
-"""The feedback worker as a child of `pairloop up`, restarted with backoff if it dies."""
+"""A worker (feedback, training or cron) as a child of `pairloop up`, restarted with backoff if it dies."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ class WorkerProcess:
         log_path: Path | None = None,
         echo: Callable[[str], None] | None = None,
         max_backoff_s: float = 30.0,
+        args: tuple[str, ...] = ("worker",),
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.args = args
+        self.env = env or {}
         self.redis_url = redis_url
         self.data_dir = data_dir
         self.log_path = log_path
@@ -40,8 +44,13 @@ class WorkerProcess:
         return self._proc.pid if self._proc else None
 
     def _spawn(self) -> None:
-        env = {**os.environ, "PAIRLOOP_REDIS_URL": self.redis_url, "PAIRLOOP_DATA_DIR": str(self.data_dir)}
-        cmd = [sys.executable, "-m", "deploy", "worker"]
+        env = {
+            **os.environ,
+            **self.env,
+            "PAIRLOOP_REDIS_URL": self.redis_url,
+            "PAIRLOOP_DATA_DIR": str(self.data_dir),
+        }
+        cmd = [sys.executable, "-m", "deploy", *self.args]
         self._proc = spawn(cmd, env=env, log_path=self.log_path, echo=self.echo)
 
     def start(self) -> None:
@@ -57,7 +66,9 @@ class WorkerProcess:
             with self._lock:
                 if self._stopping.is_set():
                     return
-                log.warning("the feedback worker exited (status %s); restarting in %.0f s", code, backoff)
+                log.warning(
+                    "`pairloop %s` exited (status %s); restarting in %.0f s", " ".join(self.args), code, backoff
+                )
             if self._stopping.wait(backoff):
                 return
             backoff = min(backoff * 2, self.max_backoff_s)

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 import aiohttp
+import httpx
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from serving.adapters import AdapterRouter, VllmAdmin
 from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
@@ -62,7 +64,19 @@ def create_app(
                 retry_after_s=settings.retry_after_s,
                 headers=headers,
             )
-            app.state.chat = ChatService(settings, pool, client, redis, metrics, settings.secret.encode())
+            admin_client = httpx.AsyncClient()
+            adapters = AdapterRouter(
+                redis,
+                pool,
+                VllmAdmin(admin_client, headers),
+                poll_s=settings.adapter_poll_s,
+                max_loras=settings.vllm_max_loras,
+                unload_grace_s=settings.adapter_unload_grace_s,
+            )
+            app.state.adapters = adapters
+            app.state.chat = ChatService(
+                settings, pool, client, redis, metrics, settings.secret.encode(), router=adapters
+            )
             app.state.redis = redis
             app.state.limiter = RateLimiter(redis, settings.rate_limits(), retry_after_s=settings.retry_after_s)
             if keyring.open:
@@ -72,6 +86,7 @@ def create_app(
                 )
             await pool.probe_all()
             pool.start()
+            adapters.start()
             # Everything imported and built so far lives as long as the process: keep it out of the garbage
             # collector's full passes, which otherwise scan it all and stall the requests in flight
             # (bench/feedback.py: p99 from about 155 to 105 ms).
@@ -82,7 +97,9 @@ def create_app(
                         await stack.enter_async_context(extension(app))
                     yield
             finally:
+                await adapters.stop()
                 await pool.stop()
+                await admin_client.aclose()
                 await redis.aclose()
 
     app = FastAPI(title="pairloop", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)

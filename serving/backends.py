@@ -113,8 +113,11 @@ class BackendPool:
             log.warning("vLLM backend %s is DOWN (%s)", backend.url, reason)
         backend.healthy = False
 
-    def pick(self, exclude: set[str] | None = None) -> Backend:
+    def pick(self, exclude: set[str] | None = None, model: str | None = None) -> Backend:
         healthy = [b for b in self.backends if b.healthy and b.url not in (exclude or ())]
+        if model is not None:
+            # a backend that restarted serves an adapter only once the gateway loaded it there again
+            healthy = [b for b in healthy if model in b.models] or healthy
         if not healthy:
             raise Unavailable(
                 "No inference backend is available; try again shortly.", retry_after_s=self._retry_after_s
@@ -124,9 +127,10 @@ class BackendPool:
         return candidates[next(self._rr) % len(candidates)]
 
     @contextlib.asynccontextmanager
-    async def lease(self, exclude: set[str] | None = None) -> AsyncIterator[Backend]:
-        """Pick a backend and count the request as in flight on it until the block ends."""
-        backend = self.pick(exclude)
+    async def lease(self, exclude: set[str] | None = None, model: str | None = None) -> AsyncIterator[Backend]:
+        """Pick a backend (one that has `model` loaded, if any has) and count the request as in flight on it
+        until the block ends."""
+        backend = self.pick(exclude, model)
         backend.in_flight += 1
         try:
             yield backend

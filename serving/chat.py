@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from serving import records, tokens
+from serving.adapters import AdapterError, AdapterRouter
 from serving.auth import Principal
 from serving.backends import BackendPool
 from serving.errors import InvalidRequest, ModelNotFound, ServingError, Unavailable, UpstreamError, error_body
@@ -76,7 +77,9 @@ class ChatService:
         redis: Redis,
         metrics: Metrics,
         secret: bytes,
+        router: AdapterRouter | None = None,
     ) -> None:
+        self.router = router
         self.settings = settings
         self.pool = pool
         self.client = client
@@ -96,9 +99,12 @@ class ChatService:
         return name
 
     def choose_adapters(self, n: int) -> list[str]:
-        """The vLLM model name for each of `n` choices (the base model until adapters are promoted)."""
+        """The vLLM model name for each of `n` choices: the champion adapter (the base model before any
+        was promoted), or champion and challenger for a share of pairs."""
         base = self.pool.base_model() or self.public_model()
-        return [base] * n
+        if self.router is None:
+            return [base] * n
+        return self.router.choose(n, base)
 
     def plan(self, req: ChatCompletionRequest) -> Plan:
         public = self.public_model()
@@ -140,6 +146,10 @@ class ChatService:
         }
         return Plan(f"chatcmpl-{uuid.uuid4().hex}", public, self.choose_adapters(n), sampling, body)
 
+    def _hold(self, plan: Plan) -> contextlib.AbstractContextManager[None]:
+        """Counts the plan's choices as in flight on their adapters (an adapter is unloaded only at zero)."""
+        return self.router.hold(plan.adapters) if self.router else contextlib.nullcontext()
+
     # -- upstream ---------------------------------------------------------------------------------
 
     def _upstream_error(self, status: int, payload: bytes) -> ServingError:
@@ -157,7 +167,13 @@ class ChatService:
         """An upstream response with a 200 status, from the first backend that accepts the connection."""
         tried: set[str] = set()
         while True:
-            async with self.pool.lease(exclude=tried) as backend:
+            async with self.pool.lease(exclude=tried, model=body["model"]) as backend:
+                model = body["model"]
+                if self.router and model not in backend.models and model != backend.base_model:
+                    try:
+                        await self.router.ensure(backend, model)
+                    except AdapterError as exc:
+                        raise Unavailable(exc.message, retry_after_s=self.settings.retry_after_s) from exc
                 url = f"{backend.url}/v1/chat/completions"
                 try:
                     resp = await self.client.post(url, json=body, headers=self.pool.headers)
@@ -251,7 +267,8 @@ class ChatService:
             got.prompt_tokens += usage.get("prompt_tokens", 0)
             got.completion_tokens += usage.get("completion_tokens", 0)
 
-        await asyncio.gather(*(run(m, ix) for m, ix in plan.groups().items()))
+        with self._hold(plan):
+            await asyncio.gather(*(run(m, ix) for m, ix in plan.groups().items()))
         record, token = await self._record(plan, got, req, principal, stream=False)
         return {
             "id": plan.id,
@@ -284,6 +301,7 @@ class ChatService:
         """
         plan = self.plan(req)
         stack = contextlib.AsyncExitStack()
+        stack.enter_context(self._hold(plan))  # released when the relay closes the stack
         try:
             streams = [
                 (await stack.enter_async_context(self._open(self._upstream_body(plan, model, len(ix), True))), ix)

@@ -46,7 +46,7 @@ class EngineConfig:
     served_model_name: str
     port: int = 0
     max_model_len: int | None = None
-    max_loras: int = 3
+    max_loras: int = 4
     max_lora_rank: int = 16
     kv_cache_gib: int = 1
     extra_args: list[str] = field(default_factory=list)

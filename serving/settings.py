@@ -81,6 +81,12 @@ class ServingSettings(BaseSettings):
     upstream_timeout_s: float = Field(300.0, gt=0, description="Longest wait for one vLLM response.")
     health_interval_s: float = Field(1.0, gt=0, description="How often each vLLM backend is probed.")
     retry_after_s: int = Field(5, ge=1, description="`Retry-After` sent with 503 answers.")
+    adapter_poll_s: float = Field(
+        0.1, gt=0, le=10, description="How often the gateway reads the adapter routing record from Redis."
+    )
+    adapter_unload_grace_s: float = Field(
+        10.0, ge=0, description="How long an adapter no longer served stays loaded before it may be unloaded."
+    )
 
     # Token buckets in Redis, as JSON {"per_s": rate, "burst": size}; per_s 0 turns one off.
     chat_limit_per_key: RateLimit = Field(
@@ -101,7 +107,9 @@ class ServingSettings(BaseSettings):
     vllm_max_model_len: int | None = Field(
         None, ge=16, description="`--max-model-len` of the vLLM child; unset: the model's own context length."
     )
-    vllm_max_loras: int = Field(3, ge=1, description="Adapters vLLM keeps loaded (champion, challenger, draining).")
+    vllm_max_loras: int = Field(
+        4, ge=1, description="Adapters vLLM keeps loaded (champion, challenger, previous champion, one draining)."
+    )
     vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="KV cache size of the CPU engine, in GiB.")
     vllm_extra_args: str = Field("", description="Extra command-line arguments for the vLLM child.")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from feedback.migrate import upgrade
 from serving.engine import EngineProcess
 from serving.process import free_port
 from tests.conftest import KEYS, GatewayFactory
+from tests.loop_helpers import admin, clear_routing, make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +62,21 @@ def test_requests_spread_over_replicas_and_skip_a_dead_one(make_gateway: Gateway
     assert ready["backends"] == 2 and ready["backends_healthy"] == 1
 
 
-def test_vllm_killed_then_back(make_gateway: GatewayFactory, engine: EngineProcess, rdb: redis.Redis) -> None:
-    gw = make_gateway([engine.url])
+def test_vllm_killed_then_back(
+    make_gateway: GatewayFactory,
+    engine: EngineProcess,
+    rdb: redis.Redis,
+    redis_url: str,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(store)
+    clear_routing(redis_url)
+    champion = make_adapter(tiny_model, store, tmp_path, 1, seed=7)
+    gw = make_gateway([engine.url], feedback={"database_url": store})
     assert httpx.get(f"{gw.url}/readyz").status_code == 200
+    assert admin(gw.url, "POST", f"/admin/adapters/{champion}/promote").status_code == 200
     restarts = engine.restarts
     # a stream in flight when vLLM dies ends with an error chunk, and nothing is recorded for it
     body = {**BODY, "stream": True, "max_tokens": 200}
@@ -82,5 +97,9 @@ def test_vllm_killed_then_back(make_gateway: GatewayFactory, engine: EngineProce
     # the launcher restarts vLLM; the gateway notices by itself
     assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 300, 1.0), "vLLM did not return"
     assert engine.restarts == restarts + 1
+    # the restarted vLLM has no adapter; the gateway loads the champion again before sending it requests
     r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=60)
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert [c["adapter"] for c in r.json()["pairloop"]["choices"]] == [champion, champion]
+    assert champion in [m["id"] for m in httpx.get(f"{engine.url}/v1/models").json()["data"]]
+    clear_routing(redis_url)

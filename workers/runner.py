@@ -130,10 +130,13 @@ def _children_die_with_worker() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def make_worker(connection: redis.Redis, settings: WorkerSettings, name: str | None = None) -> FeedbackWorker:
+def make_worker(
+    connection: redis.Redis, settings: WorkerSettings, name: str | None = None, queues: list[Queue] | None = None
+) -> FeedbackWorker:
+    """A worker on the feedback queue (default), or on `queues`."""
     FeedbackWorker.abandoned_after_s = settings.job_abandoned_after_s
     return FeedbackWorker(
-        [make_queue(connection, settings)],
+        queues or [make_queue(connection, settings)],
         connection=connection,
         name=name,
         serializer=JSONSerializer,
@@ -144,15 +147,30 @@ def make_worker(connection: redis.Redis, settings: WorkerSettings, name: str | N
     )
 
 
-def run(redis_url: str, settings: WorkerSettings, *, burst: bool = False, name: str | None = None) -> None:
+def run(
+    redis_url: str, settings: WorkerSettings, *, burst: bool = False, name: str | None = None, training: bool = False
+) -> None:
     """Migrate the store, then work until SIGTERM/SIGINT (or, with `burst`, until the queue is empty).
 
-    One process is one worker; run more processes for more throughput (PostgreSQL takes their writes in
-    parallel, SQLite one at a time).
+    A feedback worker takes the feedback queue first, then the control queue (the learning loop's periodic
+    checks: a few SQL queries). A training worker (`training`) takes training rounds only, so that a
+    round, which can take minutes, never holds up feedback. One process is one worker; run more feedback
+    workers for more throughput (PostgreSQL takes their writes in parallel, SQLite one at a time).
     """
+    from trainer.settings import TrainerSettings
+    from workers import training as training_jobs
+
     store_url = settings.store_url()
     upgrade(store_url)
     jobs.configure(store_url)
+    training_jobs.configure(redis_url)
     os.register_at_fork(after_in_child=_children_die_with_worker)
     connection = redis.Redis.from_url(redis_url)
-    make_worker(connection, settings, name).work(burst=burst, with_scheduler=True, logging_level="INFO")
+    loop = TrainerSettings()
+    if training:
+        queues = [training_jobs.training_queue(connection, loop)]
+    else:
+        control = Queue(loop.control_queue, connection=connection, serializer=JSONSerializer)
+        queues = [make_queue(connection, settings), control]
+    worker = make_worker(connection, settings, name, queues)
+    worker.work(burst=burst, with_scheduler=not training, logging_level="INFO")

@@ -1,0 +1,208 @@
+"""What does a hot-swap cost the requests around it? Measured side by side in one run.
+
+    .venv/bin/python bench/swap.py [--windows 6] [--window-s 3] [--concurrency 8] [--model DIR]   (make bench)
+
+Starts vLLM on the tiny model and `pairloop up` in front of it, makes three LoRA adapters (random
+weights, no training), and keeps `--concurrency` clients sending chat requests for the whole run. The
+run alternates steady windows and swap windows; each swap window starts with a promotion, rotating
+through the adapters, alternately made
+  admin    by `POST /admin/adapters/{name}/promote` on the gateway (it switches at once), and
+  record   by a swap written from outside the gateway (as the training worker does it), which the gateway
+           follows within its poll interval (`PAIRLOOP_ADAPTER_POLL_S`, 0.1 s).
+Prints, per kind of promotion, the time from the promotion call to the first response served by the new
+adapter (a probe client sends requests one after another from the moment of the call), the p99
+latency of the concurrent requests in swap windows against steady windows, and the failed requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gateway import start_gateway  # noqa: E402
+from bench.pairs import NAME, pick_model  # noqa: E402
+from serving.engine import EngineConfig, EngineProcess  # noqa: E402
+
+BODY = {"model": NAME, "messages": [{"role": "user", "content": "Tell me about tea."}], "max_tokens": 12}
+
+
+def make_adapters(model: str, data_dir: Path, count: int) -> list[str]:
+    """`count` random LoRA adapters, saved under the data dir and registered in its store as candidates."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from sqlalchemy.orm import Session
+    from transformers import AutoModelForCausalLM
+
+    from feedback.settings import default_database_url
+    from feedback.store import make_engine
+    from trainer import registry
+
+    names = []
+    engine = make_engine(default_database_url(data_dir))
+    for version in range(1, count + 1):
+        torch.manual_seed(version)
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        staging = data_dir / "adapters" / f".staging-{version}"
+        peft_model.save_pretrained(str(staging))
+        name = registry.adapter_name(
+            version, hashlib.sha256((staging / "adapter_model.safetensors").read_bytes()).hexdigest()
+        )
+        staging.rename(staging.with_name(name))
+        with Session(engine) as session:
+            now = registry.now()
+            session.add(
+                registry.Adapter(
+                    name=name,
+                    version=version,
+                    status="candidate",
+                    path=str(staging.with_name(name)),
+                    method="dpo",
+                    metrics={},
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.commit()
+        names.append(name)
+    engine.dispose()
+    return names
+
+
+def served(data: dict[str, Any]) -> str:
+    return str(data["pairloop"]["choices"][0]["adapter"])
+
+
+async def record_swap(redis_url: str, name: str, path: str) -> None:
+    """The training worker's way: load and probe through the registered backends, then write the record."""
+    from redis.asyncio import Redis
+
+    from serving.adapters import VllmAdmin, promoting, registered_backends, swap
+
+    async with Redis.from_url(redis_url) as client, httpx.AsyncClient() as http:
+        await swap(client, VllmAdmin(http), await registered_backends(client), promoting(name, path))
+
+
+async def run(
+    base: str,
+    key: str,
+    redis_url: str,
+    names: list[str],
+    paths: dict[str, str],
+    windows: int,
+    window_s: float,
+    concurrency: int,
+) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    latencies: dict[str, list[float]] = {"steady": [], "swap": []}
+    failures: dict[str, int] = {"steady": 0, "swap": 0}
+    window = "steady"
+    stop = asyncio.Event()
+
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
+
+        async def load() -> None:
+            while not stop.is_set():
+                began = time.perf_counter()
+                current = window
+                try:
+                    r = await client.post("/v1/chat/completions", json=BODY)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies[current].append(time.perf_counter() - began)
+                else:
+                    failures[current] += 1
+
+        workers = [asyncio.create_task(load()) for _ in range(concurrency)]
+        await asyncio.sleep(2)  # warm-up, not counted
+        for v in latencies.values():
+            v.clear()
+        to_served: dict[str, list[float]] = {"admin": [], "record": []}
+        for i in range(windows):
+            window = "steady"
+            await asyncio.sleep(window_s)
+            window = "swap"
+            name = names[i % len(names)]
+            kind = "admin" if i % 2 == 0 else "record"
+            began = time.perf_counter()
+            if kind == "admin":
+                r = await client.post(f"/admin/adapters/{name}/promote")
+                assert r.status_code == 200, r.text
+                promoting = None
+            else:
+                promoting = asyncio.create_task(record_swap(redis_url, name, paths[name]))
+            while True:  # the probe client
+                r = await client.post("/v1/chat/completions", json=BODY)
+                if r.status_code == 200 and served(r.json()) == name:
+                    break
+            to_served[kind].append(time.perf_counter() - began)
+            if promoting:
+                await promoting
+            await asyncio.sleep(max(0.0, window_s - (time.perf_counter() - began)))
+        stop.set()
+        await asyncio.gather(*workers)
+
+    def p99(xs: list[float]) -> float:
+        return statistics.quantiles(xs, n=100)[98] * 1000
+
+    for kind, xs in to_served.items():
+        if xs:
+            print(
+                f"promotion call -> first response by the new adapter ({kind}): "
+                f"median {statistics.median(xs) * 1000:.0f} ms, max {max(xs) * 1000:.0f} ms "
+                f"over {len(xs)} swaps (goal < 500 ms)"
+            )
+    steady, swap = p99(latencies["steady"]), p99(latencies["swap"])
+    print(
+        f"p99 latency, {concurrency} concurrent clients: steady {steady:.1f} ms ({len(latencies['steady'])} requests), "
+        f"swap windows {swap:.1f} ms ({len(latencies['swap'])} requests), ratio {swap / steady:.2f} (goal <= 1.5)"
+    )
+    print(f"failed requests: steady {failures['steady']}, swap windows {failures['swap']} (goal 0)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--window-s", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", default=None, help="model dir or id (default: the tiny model)")
+    args = parser.parse_args()
+
+    model = pick_model(args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="pairloop-bench-swap-"))
+    engine = EngineProcess(EngineConfig(model=model, served_model_name=NAME, log_path=tmp / "vllm.log"))
+    engine.start()
+    gateway = None
+    try:
+        if not engine.wait_ready(600):
+            raise SystemExit(f"vLLM did not start; see {tmp / 'vllm.log'}")
+        data_dir = tmp / "data"
+        gateway, base, key = start_gateway(engine.url, data_dir, NAME, args=("--workers", "0", "--no-training"))
+        names = make_adapters(model, data_dir, 3)
+        paths = {n: str(data_dir / "adapters" / n) for n in names}
+        redis_url = (data_dir / "run" / "redis-url").read_text().strip()
+        time.sleep(1.5)  # the gateway lists its backend in Redis once a second
+        asyncio.run(run(base, key, redis_url, names, paths, args.windows, args.window_s, args.concurrency))
+    finally:
+        if gateway:
+            gateway.terminate()
+            gateway.wait(30)
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The whole loop on real parts: votes through the API, stored by a worker, a round trained from the store,
+gated, promoted into the running vLLM, and the next chat request served by the new adapter; a round that
+fails leaves the champion serving; the cron check and `POST /admin/train` start rounds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from feedback.migrate import upgrade
+from serving.engine import EngineProcess
+from tests.conftest import MODEL_NAME, GatewayFactory
+from tests.feedback_helpers import chat_pair, drain, send, vote
+from tests.loop_helpers import admin, clear_routing, statuses
+from workers import training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def loop_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model: Path, redis_url: str, rdb: redis.Redis
+) -> Iterator[str]:
+    """The trainer's settings for this test (it reads them from the environment, as the worker does)."""
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(store)
+    clear_routing(redis_url)
+    for key, value in {
+        "PAIRLOOP_DATA_DIR": str(tmp_path),
+        "PAIRLOOP_DATABASE_URL": store,
+        "PAIRLOOP_MODEL": str(tiny_model),
+        "PAIRLOOP_AB_FRACTION": "0",
+        "PAIRLOOP_MIN_NEW_EXAMPLES": "8",
+        "PAIRLOOP_GATE_MIN_ACCURACY": "0.5",
+        "PAIRLOOP_GATE_MAX_LENGTH_RATIO": "100",
+        "PAIRLOOP_GATE_LENGTH_PROMPTS": "4",
+        "PAIRLOOP_HOLDOUT_FRACTION": "0.25",
+        "PAIRLOOP_MAX_USER_SHARE": "0.2",
+        "PAIRLOOP_TRAIN__LEARNING_RATE": "5e-4",
+        "PAIRLOOP_TRAIN__EPOCHS": "2",
+        "PAIRLOOP_TRAIN__MIN_PAIRS": "4",
+    }.items():
+        monkeypatch.setenv(key, value)
+    training.configure(redis_url)
+    yield store
+    clear_routing(redis_url)
+
+
+def collect_votes(gw: str, pairs: int) -> int:
+    """Chat pairs judged by a simulated user who prefers the shorter answer: a taste that 40 votes teach the
+    tiny model well enough to pass the gate on held-out pairs (the length bound is lifted for it)."""
+    sent = 0
+    for i in range(pairs * 4):
+        user = f"judge-{i % 8}"
+        data = chat_pair(gw, user=user, max_tokens=48)
+        texts = [c["message"]["content"] for c in data["choices"]]
+        if len(texts[0]) == len(texts[1]):
+            continue
+        preference = 0 if len(texts[0]) < len(texts[1]) else 1
+        assert send(gw, vote(data, preference=preference, user=user)).status_code == 202
+        sent += 1
+        if sent == pairs:
+            break
+    return sent
+
+
+def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
+    make_gateway: GatewayFactory, engine: EngineProcess, loop_env: str, redis_url: str
+) -> None:
+    gw = make_gateway([engine.url], feedback={"database_url": loop_env})
+    assert collect_votes(gw.url, 40) == 40
+    drain(redis_url, loop_env)
+    time.sleep(1.5)  # the gateway lists its vLLM backend in Redis once a second; the worker swaps through it
+
+    result = training.train_round("manual")
+
+    assert result["status"] == "promoted", result
+    name = result["adapter"]
+    assert statuses(loop_env) == {name: "champion"}
+    # the gateway follows the routing record within its poll interval (0.1 s)
+    deadline = time.monotonic() + 5
+    served: list[str] = []
+    while time.monotonic() < deadline and served != [name, name]:
+        served = [c["adapter"] for c in chat_pair(gw.url, max_tokens=8)["pairloop"]["choices"]]
+    assert served == [name, name]
+    rounds = admin(gw.url, "GET", "/admin/train").json()["rounds"]
+    assert rounds[0]["status"] == "promoted" and rounds[0]["decision"]["passed"] is True
+    assert rounds[0]["new_examples"] > 0
+
+    # nothing new since: the cron check does not start another round
+    assert training.check()["new_examples"] == 0
+
+
+def test_a_failed_round_leaves_the_champion_serving(
+    make_gateway: GatewayFactory,
+    engine: EngineProcess,
+    loop_env: str,
+    redis_url: str,
+    rdb: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gw = make_gateway([engine.url], feedback={"database_url": loop_env})
+    collect_votes(gw.url, 10)
+    drain(redis_url, loop_env)
+    monkeypatch.setenv("PAIRLOOP_INJECT_FAILURE", "error")
+    result = training.train_round("manual")
+    assert result["status"] == "failed" and "injected" in result["error"]
+    assert not rdb.exists(training.LOCK_KEY), "a failed round must release the lock"
+    data = chat_pair(gw.url, max_tokens=8)
+    assert [c["adapter"] for c in data["pairloop"]["choices"]] == [MODEL_NAME, MODEL_NAME]
+
+    monkeypatch.setenv("PAIRLOOP_INJECT_FAILURE", "nan")
+    collect_votes(gw.url, 10)
+    drain(redis_url, loop_env)
+    result = training.train_round("manual")
+    assert result["status"] == "rejected" and "not finite" in result["gate"]["reasons"][0]
+    assert statuses(loop_env) == {result["adapter"]: "rejected"}
+    r = admin(gw.url, "POST", f"/admin/adapters/{result['adapter']}/promote")
+    assert r.status_code == 409 and "rejected" in r.json()["error"]["message"]
+    data = chat_pair(gw.url, max_tokens=8)
+    assert [c["adapter"] for c in data["pairloop"]["choices"]] == [MODEL_NAME, MODEL_NAME]
+
+
+def test_the_check_and_the_admin_api_start_one_round_at_a_time(
+    make_gateway: GatewayFactory, engine: EngineProcess, loop_env: str, redis_url: str, rdb: redis.Redis
+) -> None:
+    gw = make_gateway([engine.url], feedback={"database_url": loop_env})
+    assert training.check() == {"new_examples": 0}
+    collect_votes(gw.url, 12)
+    drain(redis_url, loop_env)
+    out = training.check()
+    assert out["new_examples"] >= 8 and "round" in out
+    assert rdb.llen("rq:queue:pairloop-training") == 1
+    assert training.check()["round"] == "pending"
+    r = admin(gw.url, "POST", "/admin/train")
+    assert r.status_code == 409 and "already" in r.json()["error"]["message"]
+    rdb.delete("rq:queue:pairloop-training")
+    r = admin(gw.url, "POST", "/admin/train")
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    assert rdb.llen("rq:queue:pairloop-training") == 1
+    rdb.set(training.LOCK_KEY, "another-round", ex=60)
+    with pytest.raises(training.RoundBusy):
+        training.train_round("manual")

@@ -1,0 +1,49 @@
+"""`pairloop adapters` and `pairloop train` from the command line: listing, clear refusals, one round at a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from deploy.redis_server import EmbeddedRedis
+from feedback.migrate import upgrade
+from tests.loop_helpers import make_adapter
+from tests.test_queue_cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_adapter_and_train_commands(valkey: EmbeddedRedis, tiny_model: Path, tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'pairloop.db'}"
+    upgrade(store)
+    name = make_adapter(tiny_model, store, tmp_path, 1, seed=3)
+    env = {"PAIRLOOP_REDIS_URL": valkey.url, "PAIRLOOP_DATA_DIR": str(tmp_path)}
+
+    r = cli("adapters", "list", "--json", **env)
+    assert r.returncode == 0, r.stderr
+    listing = json.loads(r.stdout)
+    assert listing["champion"] is None and [(a["name"], a["status"]) for a in listing["adapters"]] == [
+        (name, "candidate")
+    ]
+    r = cli("adapters", "list", **env)
+    assert r.returncode == 0 and "(base model)" in r.stdout and name in r.stdout
+
+    r = cli("adapters", "rollback", **env)
+    assert r.returncode == 1 and "no earlier champion" in r.stderr and "Traceback" not in r.stderr
+    r = cli("adapters", "promote", "pl-v0042-00000000", **env)
+    assert r.returncode == 1 and "no adapter named" in r.stderr
+    r = cli("adapters", "promote", name, **env)  # no gateway has registered a vLLM backend
+    assert r.returncode == 1 and "no vLLM backend" in r.stderr
+
+    r = cli("train", **env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["queue"] == "pairloop-training"
+    assert redis.Redis.from_url(valkey.url).llen("rq:queue:pairloop-training") == 1
+    r = cli("train", **env)
+    assert r.returncode == 1 and "already" in r.stderr
+
+    r = cli("adapters", "list", **{**env, "PAIRLOOP_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert r.returncode == 1 and "cannot reach Redis" in r.stderr

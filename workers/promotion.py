@@ -1,0 +1,191 @@
+"""Promote, roll back, challenge, retire: one call changes what is served (the routing record in Redis,
+through `serving.adapters.swap`) and records it in the adapter registry (SQL).
+
+The swap comes first: if vLLM cannot load or serve the adapter, the registry is left as it was. The live
+A/B test (`evaluate_ab`) counts pairwise votes on pairs where the challenger played, and decides with a
+Wilson interval on its win rate (ties and `both_bad` carry no preference and are not counted).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy.orm import Session
+
+from feedback.store import Completion, Feedback
+from serving.adapters import (
+    AdapterError,
+    Routing,
+    SwapResult,
+    VllmAdmin,
+    challenging,
+    load_routing,
+    promoting,
+    registered_backends,
+    rolling_back,
+    swap,
+    unchallenged,
+)
+from trainer import registry
+
+Swapper = Callable[[Callable[[Routing], Routing]], Awaitable[SwapResult]]
+
+
+def remote_swapper(redis: Redis, admin: VllmAdmin) -> Swapper:
+    """Swaps through the vLLM backends that running gateways registered in Redis."""
+
+    async def run(change: Callable[[Routing], Routing]) -> SwapResult:
+        return await swap(redis, admin, await registered_backends(redis), change)
+
+    return run
+
+
+@dataclass
+class AbResult:
+    wins: int
+    losses: int
+    lower: float
+    upper: float
+    decision: str
+    """`promote`, `retire` or `wait`."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "wins": self.wins,
+            "losses": self.losses,
+            "lower": self.lower,
+            "upper": self.upper,
+            "decision": self.decision,
+        }
+
+
+def wilson(wins: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of a win rate (0, 1 with no votes)."""
+    if n == 0:
+        return 0.0, 1.0
+    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ab_votes(session: Session, challenger: str) -> tuple[int, int]:
+    """(wins, losses) of `challenger` in pairwise votes on pairs it played in against another adapter."""
+    query = (
+        select(Feedback.preference, Completion.adapter_a, Completion.adapter_b)
+        .join(Completion, Feedback.completion_id == Completion.id)
+        .where(
+            Feedback.kind == "pairwise",
+            Feedback.preference.in_(("0", "1")),
+            or_(
+                and_(Completion.adapter_a == challenger, Completion.adapter_b != challenger),
+                and_(Completion.adapter_b == challenger, Completion.adapter_a != challenger),
+            ),
+        )
+    )
+    wins = losses = 0
+    for preference, a, b in session.execute(query):
+        winner = a if preference == "0" else b
+        if winner == challenger:
+            wins += 1
+        else:
+            losses += 1
+    return wins, losses
+
+
+class Loop:
+    """The control surface of the learning loop, shared by the admin API, the CLI and the training worker."""
+
+    def __init__(self, redis: Redis, store: Engine, swapper: Swapper) -> None:
+        self.redis = redis
+        self.store = store
+        self.swapper = swapper
+
+    async def routing(self) -> Routing:
+        return await load_routing(self.redis)
+
+    def _servable(self, session: Session, name: str) -> registry.Adapter:
+        adapter = registry.get(session, name)
+        if adapter is None:
+            raise AdapterError(f"no adapter named {name}", 404)
+        if adapter.status == "rejected":
+            raise AdapterError(f"{name} was rejected by the gate and is never served: {adapter.reason}")
+        return adapter
+
+    async def promote(self, name: str, reason: str = "promoted by hand") -> SwapResult:
+        with Session(self.store) as session:
+            path = self._servable(session, name).path
+        result = await self.swapper(promoting(name, path))
+        with Session(self.store) as session:
+            old = result.before.champion
+            if old and (a := registry.get(session, old)) is not None:
+                registry.set_status(session, a, "retired", f"replaced by {name}")
+            registry.set_status(session, self._servable(session, name), "champion", reason)
+            session.commit()
+        return result
+
+    async def rollback(self) -> SwapResult:
+        result = await self.swapper(rolling_back)
+        with Session(self.store) as session:
+            demoted = result.before.champion
+            if demoted and (a := registry.get(session, demoted)) is not None:
+                registry.set_status(session, a, "retired", "rolled back")
+            back = result.after.champion
+            if back and (b := registry.get(session, back)) is not None:
+                registry.set_status(session, b, "champion", "restored by a rollback")
+            gone = result.before.challenger
+            if gone and (c := registry.get(session, gone)) is not None:
+                registry.set_status(session, c, "retired", "its champion was rolled back")
+            session.commit()
+        return result
+
+    async def challenge(self, name: str, ab_fraction: float) -> SwapResult:
+        with Session(self.store) as session:
+            path = self._servable(session, name).path
+        result = await self.swapper(challenging(name, path, ab_fraction))
+        with Session(self.store) as session:
+            old = result.before.challenger
+            if old and old != name and (a := registry.get(session, old)) is not None:
+                registry.set_status(session, a, "retired", f"superseded by challenger {name}")
+            registry.set_status(session, self._servable(session, name), "challenger", "passed the offline gate")
+            session.commit()
+        return result
+
+    async def retire_challenger(self, reason: str) -> SwapResult:
+        result = await self.swapper(unchallenged)
+        with Session(self.store) as session:
+            old = result.before.challenger
+            if old and (a := registry.get(session, old)) is not None:
+                registry.set_status(session, a, "retired", reason)
+            session.commit()
+        return result
+
+    async def evaluate_ab(self, min_votes: int, confidence: float) -> AbResult | None:
+        """Promote the challenger once its win rate's lower bound passes 0.5 (with `min_votes` votes), retire
+        it once the upper bound falls below 0.5. None when there is no challenger."""
+        routing = await self.routing()
+        challenger = routing.challenger
+        if not challenger:
+            return None
+        with Session(self.store) as session:
+            wins, losses = ab_votes(session, challenger)
+        lower, upper = wilson(wins, wins + losses, confidence)
+        decision = "wait"
+        if lower > 0.5 and wins + losses >= min_votes:
+            decision = "promote"
+            await self.promote(
+                challenger, f"won the live A/B test: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
+            )
+        elif upper < 0.5:
+            decision = "retire"
+            await self.retire_challenger(
+                f"lost the live A/B test: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
+            )
+        return AbResult(wins, losses, round(lower, 4), round(upper, 4), decision)

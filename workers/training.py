@@ -1,0 +1,241 @@
+"""The learning loop's jobs: the periodic check (cron, on the control queue) and the training round (on
+the training queue, in a worker process of its own so that a slow round never delays feedback).
+
+One round at a time: a round holds `pairloop:training:lock`, a Redis key whose TTL is `round_timeout_s`,
+so a round that crashed cannot hold it forever. A round that passes the gate becomes the challenger
+(or, with `ab_fraction` 0, the champion) at once; the check job later promotes or retires a challenger
+by its live A/B record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
+from rq.cron import CronJob, CronScheduler
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from feedback.store import engine_for
+from serving.adapters import AdapterError, VllmAdmin, load_routing
+from trainer import registry
+from trainer.data import count_new, select_round
+from trainer.errors import RoundBusy, RoundFailed
+from trainer.settings import TrainerSettings
+from workers.promotion import Loop, remote_swapper
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "pairloop:training:lock"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+_redis_url: str | None = None
+
+
+def configure(redis_url: str) -> None:
+    """Point this process's jobs at a Redis (the worker does this at start)."""
+    global _redis_url
+    _redis_url = redis_url
+
+
+def _connection() -> redis.Redis:
+    if not _redis_url:
+        raise RuntimeError("workers.training.configure(redis_url) was not called")
+    return redis.Redis.from_url(_redis_url)
+
+
+async def _with_loop(settings: TrainerSettings, action: Any) -> Any:
+    assert _redis_url
+    async with AsyncRedis.from_url(_redis_url) as client, httpx.AsyncClient() as http:
+        loop = Loop(client, engine_for(settings.store_url()), remote_swapper(client, VllmAdmin(http)))
+        return await action(loop)
+
+
+def training_queue(connection: redis.Redis, settings: TrainerSettings) -> Queue:
+    return Queue(settings.training_queue, connection=connection, serializer=JSONSerializer)
+
+
+def round_pending(connection: redis.Redis, settings: TrainerSettings) -> bool:
+    """A round is queued or running."""
+    return bool(connection.exists(LOCK_KEY)) or training_queue(connection, settings).count > 0
+
+
+def enqueue_round(connection: redis.Redis, settings: TrainerSettings, trigger: str) -> Job:
+    """Queue a round for the training worker; `RoundBusy` if one is queued or running already."""
+    if round_pending(connection, settings):
+        raise RoundBusy("a training round is queued or running already")
+    return training_queue(connection, settings).enqueue(
+        "workers.training.train_round",
+        kwargs={"trigger": trigger},
+        job_timeout=settings.round_timeout_s,
+        result_ttl=7 * 24 * 3600,
+        failure_ttl=30 * 24 * 3600,
+    )
+
+
+# -- the periodic check -----------------------------------------------------------------------------
+
+
+def check() -> dict[str, Any]:
+    """Cron job: judge the challenger's live record; start a round when enough new examples arrived."""
+    settings = TrainerSettings()
+    out: dict[str, Any] = {}
+    ab = asyncio.run(_with_loop(settings, lambda loop: loop.evaluate_ab(settings.ab_min_votes, settings.ab_confidence)))
+    if ab is not None:
+        out["ab"] = ab.as_dict()
+    connection = _connection()
+    try:
+        if round_pending(connection, settings):
+            out["round"] = "pending"
+            return out
+        with Session(engine_for(settings.store_url())) as session:
+            new = count_new(session, registry.watermark(session), settings)
+        out["new_examples"] = new
+        if new >= settings.min_new_examples:
+            out["round"] = enqueue_round(connection, settings, "cron").id
+    finally:
+        connection.close()
+    return out
+
+
+class JsonCronJob(CronJob):
+    """RQ's CronJob enqueues with the default (pickle) serializer; the workers here read JSON only."""
+
+    def enqueue(self, connection: redis.Redis) -> Job:
+        queue = Queue(self.queue_name, connection=connection, serializer=JSONSerializer)
+        job = queue.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options)
+        log.debug("cron: enqueued %s (%s)", self.func_name, job.id)
+        return job
+
+
+def run_cron(redis_url: str, settings: TrainerSettings) -> None:
+    """`pairloop cron`: RQ 3's cron scheduler, enqueueing `check` every `check_interval_s`."""
+    scheduler = CronScheduler(redis.Redis.from_url(redis_url), name=f"pairloop-cron-{uuid.uuid4().hex[:6]}")
+    scheduler._cron_jobs.append(
+        JsonCronJob(
+            queue_name=settings.control_queue,
+            func=check,
+            interval=settings.check_interval_s,
+            job_timeout=max(60, settings.check_interval_s * 4),
+            result_ttl=600,
+            failure_ttl=24 * 3600,
+        )
+    )
+    scheduler.start()
+
+
+# -- the round --------------------------------------------------------------------------------------
+
+
+def train_round(trigger: str = "manual") -> dict[str, Any]:
+    """Train one round on what arrived since the last, gate it, and make it challenger or champion."""
+    from trainer.round import run_round  # torch: only in the process that trains
+
+    settings = TrainerSettings()
+    connection = _connection()
+    token = uuid.uuid4().hex
+    if not connection.set(LOCK_KEY, token, nx=True, ex=settings.round_timeout_s):
+        connection.close()
+        raise RoundBusy("another training round holds the lock")
+    store = engine_for(settings.store_url())
+    try:
+        routing = asyncio.run(_routing())
+        with Session(store) as session:
+            # Holding the lock, no other round runs: one still marked running crashed.
+            session.execute(
+                update(registry.TrainingRound)
+                .where(registry.TrainingRound.status == "running")
+                .values(status="failed", error="abandoned (its process died)", finished_at=registry.now())
+            )
+            data = select_round(session, registry.watermark(session), settings)
+            parent = registry.get(session, routing.champion) if routing.champion else None
+            row = registry.TrainingRound(
+                trigger=trigger,
+                status="running",
+                parent=parent.name if parent else None,
+                new_examples=data.new_examples,
+                data_until=data.data_until,
+                decision={},
+                started_at=registry.now(),
+            )
+            session.add(row)
+            version = registry.next_version(session)
+            session.commit()
+            round_id = row.id
+            parent_ref = (parent.name, Path(parent.path)) if parent else None
+        try:
+            result = run_round(data, parent_ref, version, settings)
+        except RoundFailed as exc:
+            _finish(store, round_id, "failed", error=exc.message)
+            log.error("round %d failed: %s", round_id, exc.message)
+            return {"round": round_id, "status": "failed", "error": exc.message}
+        with Session(store) as session:
+            adapter = registry.Adapter(
+                name=result.name,
+                version=version,
+                parent=parent_ref[0] if parent_ref else None,
+                status="candidate" if result.decision.passed else "rejected",
+                path=str(result.path),
+                method=data.method,
+                metrics=result.metrics,
+                round_id=round_id,
+                reason=None if result.decision.passed else "; ".join(result.decision.reasons),
+                created_at=registry.now(),
+                updated_at=registry.now(),
+            )
+            session.add(adapter)
+            session.commit()
+        decision = result.decision.as_dict()
+        if not result.decision.passed:
+            _finish(store, round_id, "rejected", adapter=result.name, decision=decision)
+            return {"round": round_id, "status": "rejected", "adapter": result.name, "gate": decision}
+        status, error = _advance(settings, result.name)
+        _finish(store, round_id, status, adapter=result.name, decision=decision, error=error)
+        return {"round": round_id, "status": status, "adapter": result.name, "gate": decision, "error": error}
+    finally:
+        connection.eval(_RELEASE, 1, LOCK_KEY, token)
+        connection.close()
+
+
+async def _routing() -> Any:
+    assert _redis_url
+    async with AsyncRedis.from_url(_redis_url) as client:
+        return await load_routing(client)
+
+
+def _advance(settings: TrainerSettings, name: str) -> tuple[str, str | None]:
+    """Make a candidate that passed the gate the challenger, or the champion with `ab_fraction` 0."""
+
+    async def act(loop: Loop) -> None:
+        if settings.ab_fraction > 0:
+            await loop.challenge(name, settings.ab_fraction)
+        else:
+            await loop.promote(name, "passed the offline gate (ab_fraction 0)")
+
+    try:
+        asyncio.run(_with_loop(settings, act))
+    except AdapterError as exc:
+        # It stays a candidate: `pairloop adapters promote` can serve it once vLLM is reachable.
+        log.error("could not serve %s: %s", name, exc.message)
+        return "passed", exc.message
+    return ("challenger" if settings.ab_fraction > 0 else "promoted"), None
+
+
+def _finish(store: Any, round_id: int, status: str, **values: Any) -> None:
+    with Session(store) as session:
+        row = session.get(registry.TrainingRound, round_id)
+        assert row is not None
+        row.status = status
+        row.finished_at = registry.now()
+        for key, value in values.items():
+            setattr(row, key, value)
+        session.commit()
