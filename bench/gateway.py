@@ -33,7 +33,8 @@ def start_gateway(
     env |= {"PAIRLOOP_CHAT_LIMIT_PER_KEY": high, "PAIRLOOP_CHAT_LIMIT_PER_USER": high}
     env |= {"PAIRLOOP_VLLM_URLS": vllm_url, "PAIRLOOP_SERVED_MODEL_NAME": served_name, **(env_extra or {})}
     cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(data_dir), *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(data_dir.parent / f"gateway-{port}.log", "wb")  # noqa: SIM115  (the child writes to it)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

@@ -1,6 +1,6 @@
 """What does a hot-swap cost the requests around it? Measured side by side in one run.
 
-    .venv/bin/python bench/swap.py [--windows 6] [--window-s 3] [--concurrency 8] [--model DIR]   (make bench)
+    .venv/bin/python bench/swap.py [--windows 12] [--window-s 3] [--concurrency 8] [--model DIR]   (make bench)
 
 Starts vLLM on the tiny model and `pairloop up` in front of it, makes three LoRA adapters (random
 weights, no training), and keeps `--concurrency` clients sending chat requests for the whole run. The
@@ -9,8 +9,8 @@ through the adapters, alternately made
   admin    by `POST /admin/adapters/{name}/promote` on the gateway (it switches at once), and
   record   by a swap written from outside the gateway (as the training worker does it), which the gateway
            follows within its poll interval (`PAIRLOOP_ADAPTER_POLL_S`, 0.1 s).
-Prints, per kind of promotion, the time from the promotion call to the first response served by the new
-adapter (a probe client sends requests one after another from the moment of the call), the p99
+Prints, per kind of promotion, the time from the promotion call to the first response (of any client)
+served by the new adapter, and how much of it was loading and probing; the p99
 latency of the concurrent requests in swap windows against steady windows, and the failed requests.
 """
 
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import hashlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,14 +86,15 @@ def served(data: dict[str, Any]) -> str:
     return str(data["pairloop"]["choices"][0]["adapter"])
 
 
-async def record_swap(redis_url: str, name: str, path: str) -> None:
+async def record_swap(redis_url: str, name: str, path: str) -> float:
     """The training worker's way: load and probe through the registered backends, then write the record."""
     from redis.asyncio import Redis
 
     from serving.adapters import VllmAdmin, promoting, registered_backends, swap
 
     async with Redis.from_url(redis_url) as client, httpx.AsyncClient() as http:
-        await swap(client, VllmAdmin(http), await registered_backends(client), promoting(name, path))
+        result = await swap(client, VllmAdmin(http), await registered_backends(client), promoting(name, path))
+    return result.load_s
 
 
 async def run(
@@ -106,8 +108,9 @@ async def run(
     concurrency: int,
 ) -> None:
     headers = {"Authorization": f"Bearer {key}"}
-    latencies: dict[str, list[float]] = {"steady": [], "swap": []}
-    failures: dict[str, int] = {"steady": 0, "swap": 0}
+    latencies: dict[str, list[float]] = {"steady": [], "admin": [], "record": []}
+    failures: dict[str, int] = {"steady": 0, "admin": 0, "record": 0}
+    served_at: list[tuple[float, str]] = []  # (end of a response, its adapter), for every response
     window = "steady"
     stop = asyncio.Event()
 
@@ -123,7 +126,9 @@ async def run(
                 except httpx.HTTPError:
                     ok = False
                 if ok:
-                    latencies[current].append(time.perf_counter() - began)
+                    ended = time.perf_counter()
+                    latencies[current].append(ended - began)
+                    served_at.append((ended, served(r.json())))
                 else:
                     failures[current] += 1
 
@@ -132,27 +137,24 @@ async def run(
         for v in latencies.values():
             v.clear()
         to_served: dict[str, list[float]] = {"admin": [], "record": []}
+        load_probe: dict[str, list[float]] = {"admin": [], "record": []}
         for i in range(windows):
             window = "steady"
             await asyncio.sleep(window_s)
-            window = "swap"
             name = names[i % len(names)]
             kind = "admin" if i % 2 == 0 else "record"
+            window = kind
             began = time.perf_counter()
             if kind == "admin":
                 r = await client.post(f"/admin/adapters/{name}/promote")
                 assert r.status_code == 200, r.text
-                promoting = None
+                load_probe[kind].append(r.json()["load_s"])
             else:
-                promoting = asyncio.create_task(record_swap(redis_url, name, paths[name]))
-            while True:  # the probe client
-                r = await client.post("/v1/chat/completions", json=BODY)
-                if r.status_code == 200 and served(r.json()) == name:
-                    break
-            to_served[kind].append(time.perf_counter() - began)
-            if promoting:
-                await promoting
+                load_probe[kind].append(await record_swap(redis_url, name, paths[name]))
             await asyncio.sleep(max(0.0, window_s - (time.perf_counter() - began)))
+            first = min((t for t, adapter in served_at if t >= began and adapter == name), default=None)
+            assert first is not None, f"no response by {name} within the window"
+            to_served[kind].append(first - began)
         stop.set()
         await asyncio.gather(*workers)
 
@@ -164,19 +166,29 @@ async def run(
             print(
                 f"promotion call -> first response by the new adapter ({kind}): "
                 f"median {statistics.median(xs) * 1000:.0f} ms, max {max(xs) * 1000:.0f} ms "
-                f"over {len(xs)} swaps (goal < 500 ms)"
+                f"over {len(xs)} swaps (goal < 500 ms); of which loading and probing: median "
+                f"{statistics.median(load_probe[kind]) * 1000:.0f} ms"
             )
-    steady, swap = p99(latencies["steady"]), p99(latencies["swap"])
+    swaps = latencies["admin"] + latencies["record"]
+    steady = p99(latencies["steady"])
+    median = statistics.median(latencies["steady"]) * 1000
     print(
-        f"p99 latency, {concurrency} concurrent clients: steady {steady:.1f} ms ({len(latencies['steady'])} requests), "
-        f"swap windows {swap:.1f} ms ({len(latencies['swap'])} requests), ratio {swap / steady:.2f} (goal <= 1.5)"
+        f"latency, {concurrency} concurrent clients: median steady {median:.1f} ms, "
+        f"swap windows {statistics.median(swaps) * 1000:.1f} ms"
     )
-    print(f"failed requests: steady {failures['steady']}, swap windows {failures['swap']} (goal 0)")
+    print(
+        f"p99 latency: steady {steady:.1f} ms ({len(latencies['steady'])} requests), swap windows {p99(swaps):.1f} ms "
+        f"({len(swaps)} requests), ratio {p99(swaps) / steady:.2f} (goal <= 1.5); by kind: admin "
+        f"{p99(latencies['admin']) / steady:.2f}, record {p99(latencies['record']) / steady:.2f}"
+    )
+    print(
+        f"failed requests: steady {failures['steady']}, swap windows {failures['admin'] + failures['record']} (goal 0)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--windows", type=int, default=12)
     parser.add_argument("--window-s", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--model", default=None, help="model dir or id (default: the tiny model)")
@@ -200,7 +212,11 @@ def main() -> None:
     finally:
         if gateway:
             gateway.terminate()
-            gateway.wait(30)
+            try:
+                gateway.wait(60)
+            except subprocess.TimeoutExpired:
+                print("the gateway did not stop within 60 s of SIGTERM; killed it", file=sys.stderr)
+                gateway.kill()
         engine.stop()
 
 

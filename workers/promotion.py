@@ -8,6 +8,7 @@ Wilson interval on its win rate (ties and `both_bad` carry no preference and are
 
 from __future__ import annotations
 
+import asyncio
 import math
 import statistics
 from collections.abc import Awaitable, Callable
@@ -119,52 +120,55 @@ class Loop:
             raise AdapterError(f"{name} was rejected by the gate and is never served: {adapter.reason}")
         return adapter
 
+    async def _path(self, name: str) -> str:
+        def read() -> str:
+            with Session(self.store) as session:
+                return self._servable(session, name).path
+
+        return await asyncio.to_thread(read)
+
+    async def _record(self, changes: list[tuple[str | None, registry.Status, str]]) -> None:
+        """Set statuses in the registry, off the event loop (SQLite's fsync would stall a gateway's requests)."""
+
+        def write() -> None:
+            with Session(self.store) as session:
+                for name, status, reason in changes:
+                    if name and (adapter := registry.get(session, name)) is not None:
+                        registry.set_status(session, adapter, status, reason)
+                session.commit()
+
+        await asyncio.to_thread(write)
+
     async def promote(self, name: str, reason: str = "promoted by hand") -> SwapResult:
-        with Session(self.store) as session:
-            path = self._servable(session, name).path
-        result = await self.swapper(promoting(name, path))
-        with Session(self.store) as session:
-            old = result.before.champion
-            if old and (a := registry.get(session, old)) is not None:
-                registry.set_status(session, a, "retired", f"replaced by {name}")
-            registry.set_status(session, self._servable(session, name), "champion", reason)
-            session.commit()
+        result = await self.swapper(promoting(name, await self._path(name)))
+        await self._record([(result.before.champion, "retired", f"replaced by {name}"), (name, "champion", reason)])
         return result
 
     async def rollback(self) -> SwapResult:
         result = await self.swapper(rolling_back)
-        with Session(self.store) as session:
-            demoted = result.before.champion
-            if demoted and (a := registry.get(session, demoted)) is not None:
-                registry.set_status(session, a, "retired", "rolled back")
-            back = result.after.champion
-            if back and (b := registry.get(session, back)) is not None:
-                registry.set_status(session, b, "champion", "restored by a rollback")
-            gone = result.before.challenger
-            if gone and (c := registry.get(session, gone)) is not None:
-                registry.set_status(session, c, "retired", "its champion was rolled back")
-            session.commit()
+        await self._record(
+            [
+                (result.before.champion, "retired", "rolled back"),
+                (result.after.champion, "champion", "restored by a rollback"),
+                (result.before.challenger, "retired", "its champion was rolled back"),
+            ]
+        )
         return result
 
     async def challenge(self, name: str, ab_fraction: float) -> SwapResult:
-        with Session(self.store) as session:
-            path = self._servable(session, name).path
-        result = await self.swapper(challenging(name, path, ab_fraction))
-        with Session(self.store) as session:
-            old = result.before.challenger
-            if old and old != name and (a := registry.get(session, old)) is not None:
-                registry.set_status(session, a, "retired", f"superseded by challenger {name}")
-            registry.set_status(session, self._servable(session, name), "challenger", "passed the offline gate")
-            session.commit()
+        result = await self.swapper(challenging(name, await self._path(name), ab_fraction))
+        old = result.before.challenger
+        await self._record(
+            [
+                (old if old != name else None, "retired", f"superseded by challenger {name}"),
+                (name, "challenger", "passed the offline gate"),
+            ]
+        )
         return result
 
     async def retire_challenger(self, reason: str) -> SwapResult:
         result = await self.swapper(unchallenged)
-        with Session(self.store) as session:
-            old = result.before.challenger
-            if old and (a := registry.get(session, old)) is not None:
-                registry.set_status(session, a, "retired", reason)
-            session.commit()
+        await self._record([(result.before.challenger, "retired", reason)])
         return result
 
     async def evaluate_ab(self, min_votes: int, confidence: float) -> AbResult | None:
@@ -174,8 +178,12 @@ class Loop:
         challenger = routing.challenger
         if not challenger:
             return None
-        with Session(self.store) as session:
-            wins, losses = ab_votes(session, challenger)
+
+        def count() -> tuple[int, int]:
+            with Session(self.store) as session:
+                return ab_votes(session, challenger)
+
+        wins, losses = await asyncio.to_thread(count)
         lower, upper = wilson(wins, wins + losses, confidence)
         decision = "wait"
         if lower > 0.5 and wins + losses >= min_votes:
