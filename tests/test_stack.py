@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import redis
+from rq import Queue
 
 from deploy.redis_server import EmbeddedRedis
 from serving.engine import EngineProcess
@@ -52,6 +53,7 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
     env |= {"PAIRLOOP_VLLM_URLS": engine.url, "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME}
+    env |= {"PAIRLOOP_CHECK_INTERVAL_S": "1"}
     cmd = [sys.executable, "-m", "deploy", "up", "--port", str(port), "--data-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -93,6 +95,17 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
         assert status.returncode == 0, status.stderr
         counts = json.loads(status.stdout)
         assert counts["queued"] == 0 and counts["failed"] == 0 and counts["workers"] == 1
+
+        # The learning loop's children: RQ's cron scheduler queues the check, a feedback worker runs it.
+        connection = redis.Redis.from_url((tmp_path / "run" / "redis-url").read_text().strip())
+        control = Queue("pairloop-control", connection=connection)
+        deadline = time.monotonic() + 60
+        while control.finished_job_registry.count == 0:
+            assert time.monotonic() < deadline, "no periodic check ran"
+            time.sleep(0.3)
+        listing = run_cli("adapters", "list", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
+        assert listing.returncode == 0 and json.loads(listing.stdout)["adapters"] == [], listing.stderr
+        connection.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -100,7 +113,7 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
     assert "development API key: pl-dev-" in out
     assert "loopback only" in out
     # the embedded Redis and the worker it started are gone
-    for pattern in (str(tmp_path / "redis"), "deploy worker"):
+    for pattern in (str(tmp_path / "redis"), "deploy worker", "deploy cron"):
         pid_lines = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
         assert pid_lines.strip() == "", pattern
     assert not (tmp_path / "run" / "redis-url").exists()
