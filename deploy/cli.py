@@ -109,8 +109,8 @@ def worker(
     training: Annotated[bool, typer.Option(help="Run training rounds instead of storing feedback.")] = False,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
 ) -> None:
-    """Run one RQ worker that stores queued feedback events and runs the loop's periodic checks (env
-    PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL); with --training, one that runs training rounds."""
+    """Run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL);
+    with --training, one that runs the learning loop's periodic checks and training rounds."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from workers.runner import run

@@ -96,7 +96,7 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
         counts = json.loads(status.stdout)
         assert counts["queued"] == 0 and counts["failed"] == 0 and counts["workers"] == 1
 
-        # The learning loop's children: RQ's cron scheduler queues the check, a feedback worker runs it.
+        # The learning loop's children: RQ's cron scheduler queues the check, the training worker runs it.
         connection = redis.Redis.from_url((tmp_path / "run" / "redis-url").read_text().strip())
         control = Queue("pairloop-control", connection=connection)
         deadline = time.monotonic() + 60

@@ -111,3 +111,18 @@ def test_the_split_is_stable_and_one_judge_is_capped() -> None:
     kept, dropped = _cap(many, 0.1)
     assert sum(r["judge"] == "key:spammer" for r in kept) == 10 and dropped == 40
     assert _cap(many, 1.0) == (many, 0)
+
+
+def test_a_kto_round_on_thumbs(tiny_model: Path, tmp_path: Path) -> None:
+    """Unpaired thumbs train with KTO; the gate scores the sign of the implicit reward against the label."""
+    thumbs = []
+    for r in rows(24):
+        for key, label in (("chosen", True), ("rejected", False)):
+            thumbs.append({**r, "completion": r[key], "label": label, "feedback_id": f"{r['feedback_id']}{key[0]}"})
+    held = [t for t in thumbs if t["completion_id"] in {"c20", "c21", "c22", "c23"}]
+    train_rows = [t for t in thumbs if t not in held]
+    result = run_round(
+        RoundData("kto", train_rows, held, len(train_rows), 0, 0, None), None, 1, settings(tmp_path, tiny_model)
+    )
+    assert math.isfinite(result.metrics["loss"]) and result.metrics["method"] == "kto"
+    assert result.decision.candidate.margin > 0, result.decision.as_dict()

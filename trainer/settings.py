@@ -86,7 +86,9 @@ class TrainerSettings(BaseSettings):
     model: str | None = Field(None, description="The base model (as the gateway's); unset: the embedded tiny model.")
     training_queue: str = Field("pairloop-training", pattern=r"^[A-Za-z0-9_.-]+$", description="RQ queue of rounds.")
     control_queue: str = Field(
-        "pairloop-control", pattern=r"^[A-Za-z0-9_.-]+$", description="RQ queue of the periodic checks."
+        "pairloop-control",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="RQ queue of the periodic checks (the training worker takes it).",
     )
     check_interval_s: int = Field(30, ge=1, description="How often the cron job looks for enough new examples.")
     min_new_examples: int = Field(64, ge=1, description="Usable new examples that start a round.")

@@ -152,10 +152,14 @@ def run(
 ) -> None:
     """Migrate the store, then work until SIGTERM/SIGINT (or, with `burst`, until the queue is empty).
 
-    A feedback worker takes the feedback queue first, then the control queue (the learning loop's periodic
-    checks: a few SQL queries). A training worker (`training`) takes training rounds only, so that a
-    round, which can take minutes, never holds up feedback. One process is one worker; run more feedback
-    workers for more throughput (PostgreSQL takes their writes in parallel, SQLite one at a time).
+    A feedback worker takes the feedback queue only: on one queue RQ moves a job atomically into its
+    intermediate queue as it takes it (BLMOVE), so a worker killed at that moment loses nothing; on several
+    queues it pops with BLPOP, and a job taken by a worker that dies before it registers the job is gone.
+    A training worker (`training`) takes the control queue (the periodic checks) and training rounds, so a
+    round, which can take minutes, never holds up feedback; what it could lose that way comes back by
+    itself (the cron queues a check every interval, and a check queues a round while its data is new).
+    One process is one worker; run more feedback workers for more throughput (PostgreSQL takes their writes
+    in parallel, SQLite one at a time).
     """
     from trainer.settings import TrainerSettings
     from workers import training as training_jobs
@@ -168,9 +172,9 @@ def run(
     connection = redis.Redis.from_url(redis_url)
     loop = TrainerSettings()
     if training:
-        queues = [training_jobs.training_queue(connection, loop)]
-    else:
         control = Queue(loop.control_queue, connection=connection, serializer=JSONSerializer)
-        queues = [make_queue(connection, settings), control]
+        queues = [control, training_jobs.training_queue(connection, loop)]
+    else:
+        queues = [make_queue(connection, settings)]
     worker = make_worker(connection, settings, name, queues)
     worker.work(burst=burst, with_scheduler=not training, logging_level="INFO")
