@@ -2,7 +2,7 @@
 
 Every choice is assigned the vLLM model name (base or adapter) that will produce it. Choices of the same
 name go to vLLM as one request with `n` > 1, so the two samples share the prompt's KV cache through
-prefix caching; choices of different names (champion against challenger, later) run as concurrent
+prefix caching; choices of different names (champion against challenger) run as concurrent
 requests and are merged. Only a completion that finished and was recorded in Redis is handed out with
 a feedback token; a request that fails records nothing.
 """

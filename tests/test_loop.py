@@ -15,7 +15,8 @@ from feedback.migrate import upgrade
 from serving.engine import EngineProcess
 from tests.conftest import MODEL_NAME, GatewayFactory
 from tests.feedback_helpers import chat_pair, drain, send, vote
-from tests.loop_helpers import admin, clear_routing, statuses
+from tests.loop_helpers import admin, clear_routing, make_adapter, statuses
+from trainer.settings import TrainerSettings
 from workers import training
 
 pytestmark = pytest.mark.slow
@@ -130,7 +131,7 @@ def test_the_check_and_the_admin_api_start_one_round_at_a_time(
 ) -> None:
     gw = make_gateway([engine.url], feedback={"database_url": loop_env})
     assert training.check() == {"new_examples": 0}
-    collect_votes(gw.url, 12)
+    collect_votes(gw.url, 20)  # a quarter of them held out: about 15 count, 8 start a round
     drain(redis_url, loop_env)
     out = training.check()
     assert out["new_examples"] >= 8 and "round" in out
@@ -145,3 +146,24 @@ def test_the_check_and_the_admin_api_start_one_round_at_a_time(
     rdb.set(training.LOCK_KEY, "another-round", ex=60)
     with pytest.raises(training.RoundBusy):
         training.train_round("manual")
+
+
+def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
+    make_gateway: GatewayFactory,
+    engine: EngineProcess,
+    loop_env: str,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gw = make_gateway([engine.url], feedback={"database_url": loop_env})
+    name = make_adapter(tiny_model, loop_env, tmp_path, 1, seed=5)
+    time.sleep(1.5)  # the gateway lists its vLLM backend in Redis once a second
+    monkeypatch.setenv("PAIRLOOP_AB_FRACTION", "1.0")
+    assert training._advance(TrainerSettings(), name) == ("challenger", None)
+    assert statuses(loop_env) == {name: "challenger"}
+    deadline = time.monotonic() + 5
+    served: set[str] = set()
+    while served != {MODEL_NAME, name}:
+        assert time.monotonic() < deadline, served
+        served = {c["adapter"] for c in chat_pair(gw.url, max_tokens=8)["pairloop"]["choices"]}
