@@ -76,14 +76,11 @@ def _judges(session: Session) -> dict[str, tuple[str, dt.datetime]]:
 
 def count_new(session: Session, since: dt.datetime | None, settings: TrainerSettings) -> int:
     """Usable training examples (of the round's method) received after `since`."""
-    return _select(session, since, settings).new_examples
+    return select_round(session, since, settings).new_examples
 
 
 def select_round(session: Session, since: dt.datetime | None, settings: TrainerSettings) -> RoundData:
-    return _select(session, since, settings)
-
-
-def _select(session: Session, since: dt.datetime | None, settings: TrainerSettings) -> RoundData:
+    """The round's rows: feedback received after `since` (the previous round's watermark) plus replay."""
     config = settings.train
     pairs, _ = dpo_rows(session)
     method = config.method

@@ -22,7 +22,6 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from feedback.store import Base
 
 Status = Literal["candidate", "challenger", "champion", "rejected", "retired"]
-RoundStatus = Literal["running", "failed", "rejected", "challenger", "promoted", "passed"]
 
 
 def now() -> dt.datetime:
@@ -67,6 +66,8 @@ class TrainingRound(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     trigger: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
+    """running, then failed (no adapter), rejected (by the gate), challenger, promoted, or passed (the gate
+    passed but serving it failed: it stays a candidate)."""
     parent: Mapped[str | None] = mapped_column(String(64))
     adapter: Mapped[str | None] = mapped_column(String(64))
     new_examples: Mapped[int] = mapped_column(Integer, default=0)
@@ -110,10 +111,6 @@ def get(session: Session, name: str) -> Adapter | None:
 
 def listing(session: Session) -> list[Adapter]:
     return list(session.scalars(select(Adapter).order_by(Adapter.version.desc())))
-
-
-def with_status(session: Session, status: Status) -> list[Adapter]:
-    return list(session.scalars(select(Adapter).where(Adapter.status == status).order_by(Adapter.version.desc())))
 
 
 def set_status(session: Session, adapter: Adapter, status: Status, reason: str | None = None) -> None:

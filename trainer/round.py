@@ -10,6 +10,7 @@ held-out accuracies can be compared.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -204,6 +205,14 @@ def _encode(
     return ids, max(0, len(ids) - len(answer_ids))
 
 
+def _using(model: PeftModel, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
+    """`adapter` active for the block; None: the base model (adapters disabled)."""
+    if adapter is None:
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()
+
+
 def _logps(model: PeftModel, batch: list[tuple[list[int], int]], adapter: str | None) -> list[float]:
     """Sum of log-probabilities of each answer, under `adapter` (None: the base model)."""
     import torch
@@ -215,13 +224,8 @@ def _logps(model: PeftModel, batch: list[tuple[list[int], int]], adapter: str | 
     for i, (ids, _) in enumerate(batch):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
-    with torch.no_grad():
-        if adapter is None:
-            with model.disable_adapter():
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-        else:
-            model.set_adapter(adapter)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
+    with torch.no_grad(), _using(model, adapter):
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     out = []
     for i, (ids, start) in enumerate(batch):
@@ -254,17 +258,8 @@ def _mean_length(
     for prompt in prompts:
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        with torch.no_grad():
-            if adapter is None:
-                with model.disable_adapter():
-                    out = model.generate(
-                        input_ids=ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                    )
-            else:
-                model.set_adapter(adapter)
-                out = model.generate(
-                    input_ids=ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
+        with torch.no_grad(), _using(model, adapter):
+            out = model.generate(input_ids=ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         lengths.append(out.shape[1] - ids.shape[1])
     return sum(lengths) / len(lengths)
 

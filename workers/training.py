@@ -26,7 +26,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from feedback.store import engine_for
-from serving.adapters import AdapterError, VllmAdmin, load_routing
+from serving.adapters import AdapterError, VllmAdmin
 from trainer import registry
 from trainer.data import count_new, select_round
 from trainer.errors import RoundBusy, RoundFailed
@@ -148,7 +148,7 @@ def train_round(trigger: str = "manual") -> dict[str, Any]:
         raise RoundBusy("another training round holds the lock")
     store = engine_for(settings.store_url())
     try:
-        routing = asyncio.run(_routing())
+        routing = asyncio.run(_with_loop(settings, lambda loop: loop.routing()))
         with Session(store) as session:
             # Holding the lock, no other round runs: one still marked running crashed.
             session.execute(
@@ -204,12 +204,6 @@ def train_round(trigger: str = "manual") -> dict[str, Any]:
     finally:
         connection.eval(_RELEASE, 1, LOCK_KEY, token)
         connection.close()
-
-
-async def _routing() -> Any:
-    assert _redis_url
-    async with AsyncRedis.from_url(_redis_url) as client:
-        return await load_routing(client)
 
 
 def _advance(settings: TrainerSettings, name: str) -> tuple[str, str | None]:
