@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from feedback.export import dpo_rows, kto_rows
 from feedback.store import Feedback
+from trainer.registry import aware
 from trainer.settings import TrainerSettings
 
 Row = dict[str, Any]
@@ -64,14 +65,10 @@ class RoundData:
         }
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def _judges(session: Session) -> dict[str, tuple[str, dt.datetime]]:
     """feedback id -> (judge, received_at)."""
     query = select(Feedback.id, Feedback.judge_key_id, Feedback.judge_user, Feedback.received_at)
-    return {fid: (f"{key}:{user}", _aware(at)) for fid, key, user, at in session.execute(query)}
+    return {fid: (f"{key}:{user}", aware(at)) for fid, key, user, at in session.execute(query)}
 
 
 def count_new(session: Session, since: dt.datetime | None, settings: TrainerSettings) -> int:

@@ -54,9 +54,9 @@ class Adapter(Base):
             "metrics": self.metrics,
             "reason": self.reason,
             "round_id": self.round_id,
-            "created_at": _aware(self.created_at).isoformat(),
-            "promoted_at": _aware(self.promoted_at).isoformat() if self.promoted_at else None,
-            "age_s": round((now() - _aware(self.created_at)).total_seconds()),
+            "created_at": aware(self.created_at).isoformat(),
+            "promoted_at": aware(self.promoted_at).isoformat() if self.promoted_at else None,
+            "age_s": round((now() - aware(self.created_at)).total_seconds()),
         }
 
 
@@ -87,13 +87,13 @@ class TrainingRound(Base):
             "new_examples": self.new_examples,
             "decision": self.decision,
             "error": self.error,
-            "started_at": _aware(self.started_at).isoformat(),
-            "finished_at": _aware(self.finished_at).isoformat() if self.finished_at else None,
+            "started_at": aware(self.started_at).isoformat(),
+            "finished_at": aware(self.finished_at).isoformat() if self.finished_at else None,
         }
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    """SQLite returns naive datetimes (UTC as stored)."""
+def aware(t: dt.datetime) -> dt.datetime:
+    """`t` with its UTC zone: SQLite returns naive datetimes (UTC as stored)."""
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
@@ -125,7 +125,7 @@ def set_status(session: Session, adapter: Adapter, status: Status, reason: str |
 def watermark(session: Session) -> dt.datetime | None:
     """Feedback received up to this time has been offered to a round already (whatever its outcome)."""
     value = session.scalar(select(func.max(TrainingRound.data_until)).where(TrainingRound.status != "running"))
-    return _aware(value) if value is not None else None
+    return aware(value) if value is not None else None
 
 
 def rounds(session: Session, limit: int = 20) -> list[TrainingRound]:
