@@ -40,21 +40,19 @@ def _trainer_settings(data_dir: Path | None) -> TrainerSettings:
 
 
 def _with_loop(data_dir: Path | None, action: Callable[[Loop], Awaitable[T]]) -> T:
-    import httpx
-    from redis.asyncio import Redis
     from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from feedback.store import make_engine
-    from serving.adapters import AdapterError, VllmAdmin
-    from workers.promotion import Loop, remote_swapper
+    from serving.adapters import AdapterError
+    from workers.promotion import remote_loop
 
     url = _redis_url(_worker_settings(data_dir))
     engine = make_engine(_trainer_settings(data_dir).store_url())
 
     async def run() -> T:
-        async with Redis.from_url(url, socket_connect_timeout=5) as client, httpx.AsyncClient() as http:
-            return await action(Loop(client, engine, remote_swapper(client, VllmAdmin(http))))
+        async with remote_loop(url, engine) as loop:
+            return await action(loop)
 
     try:
         return asyncio.run(run())

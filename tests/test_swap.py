@@ -13,16 +13,14 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import create_engine
 
 from feedback.migrate import upgrade
-from serving.adapters import VllmAdmin
 from serving.engine import EngineProcess
 from tests.conftest import MODEL_NAME, GatewayFactory
 from tests.feedback_helpers import PROMPT, auth, chat, drain, send, vote
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses
-from workers.promotion import Loop, remote_swapper, wilson
+from workers.promotion import remote_loop, wilson
 
 pytestmark = pytest.mark.slow
 
@@ -167,9 +165,9 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
     db = create_engine(store)
 
     async def loop_call(action: Any) -> Any:
-        async with AsyncRedis.from_url(redis_url) as client, httpx.AsyncClient() as http:
-            # the worker's way: through the backends the gateway registered in Redis
-            return await action(Loop(client, db, remote_swapper(client, VllmAdmin(http))))
+        # the worker's way: through the backends the gateway registered in Redis
+        async with remote_loop(redis_url, db) as loop:
+            return await action(loop)
 
     asyncio.run(loop_call(lambda loop: loop.challenge(loser, ab_fraction=1.0)))
     wait_served(gw.url, {champion, loser})

@@ -9,12 +9,14 @@ Wilson interval on its win rate (ties and `both_bad` carry no preference and are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import statistics
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from redis.asyncio import Redis
 from sqlalchemy import Engine, and_, or_, select
 from sqlalchemy.orm import Session
@@ -36,6 +38,14 @@ from serving.adapters import (
 from trainer import registry
 
 Swapper = Callable[[Callable[[Routing], Routing]], Awaitable[SwapResult]]
+
+
+@contextlib.asynccontextmanager
+async def remote_loop(redis_url: str, store: Engine) -> AsyncIterator[Loop]:
+    """A `Loop` that swaps through the vLLM backends running gateways registered in Redis: the way of the
+    training worker and of `pairloop adapters`."""
+    async with Redis.from_url(redis_url, socket_connect_timeout=5) as client, httpx.AsyncClient() as http:
+        yield Loop(client, store, remote_swapper(client, VllmAdmin(http)))
 
 
 def remote_swapper(redis: Redis, admin: VllmAdmin) -> Swapper:

@@ -15,9 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
-from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.cron import CronJob, CronScheduler
 from rq.job import Job
@@ -26,12 +24,12 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from feedback.store import engine_for
-from serving.adapters import AdapterError, VllmAdmin
+from serving.adapters import AdapterError
 from trainer import registry
 from trainer.data import count_new, select_round
 from trainer.errors import RoundBusy, RoundFailed
 from trainer.settings import TrainerSettings
-from workers.promotion import Loop, remote_swapper
+from workers.promotion import Loop, remote_loop
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +53,7 @@ def _connection() -> redis.Redis:
 
 async def _with_loop(settings: TrainerSettings, action: Any) -> Any:
     assert _redis_url
-    async with AsyncRedis.from_url(_redis_url) as client, httpx.AsyncClient() as http:
-        loop = Loop(client, engine_for(settings.store_url()), remote_swapper(client, VllmAdmin(http)))
+    async with remote_loop(_redis_url, engine_for(settings.store_url())) as loop:
         return await action(loop)
 
 
