@@ -106,12 +106,27 @@ class ChatService:
             return [base] * n
         return self.router.choose(n, base)
 
+    def pinned(self, model: str | None, public: str) -> str | None:
+        """The vLLM model name a request pins with `<public>@base` or `<public>@<adapter>` (an adapter served
+        now: champion or challenger), None for plain `<public>` (the router chooses), else 404."""
+        if model is None or model == public:
+            return None
+        name, sep, version = model.partition("@")
+        if sep and name == public:
+            if version == "base":
+                return self.pool.base_model() or public
+            if self.router is not None and version in self.router.routing.served():
+                return version
+            served = ", ".join(f"'{public}@{v}'" for v in self.router.routing.served()) if self.router else ""
+            raise ModelNotFound(
+                f"The model '{model}' is not served: pin '{public}@base'{' or ' + served if served else ''}.",
+                param="model",
+            )
+        raise ModelNotFound(f"The model '{model}' does not exist; this server serves '{public}'.", param="model")
+
     def plan(self, req: ChatCompletionRequest) -> Plan:
         public = self.public_model()
-        if req.model is not None and req.model != public:
-            raise ModelNotFound(
-                f"The model '{req.model}' does not exist; this server serves '{public}'.", param="model"
-            )
+        pinned = self.pinned(req.model, public)
         n = req.n if req.n is not None else self.settings.responses_per_request
         if n > 2:
             raise InvalidRequest(f"n={n} is not supported: pairloop serves 1 or 2 choices per request.", param="n")
@@ -144,7 +159,8 @@ class ChatService:
             "messages": [m.model_dump(exclude_none=True) for m in req.messages],
             **sampling.model_dump(exclude_none=True, exclude={"n"}),
         }
-        return Plan(f"chatcmpl-{uuid.uuid4().hex}", public, self.choose_adapters(n), sampling, body)
+        adapters = [pinned] * n if pinned else self.choose_adapters(n)
+        return Plan(f"chatcmpl-{uuid.uuid4().hex}", public, adapters, sampling, body)
 
     def _hold(self, plan: Plan) -> contextlib.AbstractContextManager[None]:
         """Counts the plan's choices as in flight on their adapters (an adapter is unloaded only at zero)."""

@@ -141,6 +141,17 @@ def test_unknown_model_is_404(client: openai.OpenAI, rdb: redis.Redis) -> None:
     assert record_count(rdb) == 0
 
 
+def test_pinning_the_base_model_and_refusing_an_unserved_version(client: openai.OpenAI, rdb: redis.Redis) -> None:
+    resp = client.chat.completions.create(model=f"{MODEL_NAME}@base", messages=PROMPT, max_tokens=8, n=1)
+    assert [c["adapter"] for c in resp.model_extra["pairloop"]["choices"]] == [MODEL_NAME]
+    assert resp.model == MODEL_NAME
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model=f"{MODEL_NAME}@pl-v9999-deadbeef", messages=PROMPT)
+    assert err.value.code == "model_not_found"
+    assert f"'{MODEL_NAME}@base'" in err.value.message
+    assert record_count(rdb) == 1
+
+
 def test_max_tokens_over_the_limit_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=5000)
