@@ -125,6 +125,17 @@ def test_promotion_under_16_streams_fails_nothing_then_rollback(
     listing = admin(gw.url, "GET", "/admin/adapters").json()
     assert listing["routing"]["champion"] == v1 and [a["name"] for a in listing["adapters"]] == [v2, v1]
 
+    # A client may pin the base model or a served version (the simulation compares the champion with the base)
+    assert served_by(chat(gw.url, model=f"{MODEL_NAME}@base", max_tokens=4)) == [MODEL_NAME, MODEL_NAME]
+    assert served_by(chat(gw.url, model=f"{MODEL_NAME}@{v1}", max_tokens=4, n=1)) == [v1]
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": f"{MODEL_NAME}@{v2}", "messages": PROMPT},
+        headers=auth("full"),
+        timeout=30,
+    )
+    assert r.status_code == 404 and v1 in r.json()["error"]["message"]
+
 
 def test_admin_adapter_calls_refuse_bad_input(make_gateway: GatewayFactory, engine: EngineProcess, store: str) -> None:
     gw = make_gateway([engine.url], feedback={"database_url": store})
@@ -159,7 +170,7 @@ def vote_for(gw: str, winner: str, n: int, users: int) -> None:
 def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
     make_gateway: GatewayFactory, engine: EngineProcess, tiny_model: Path, store: str, redis_url: str, tmp_path: Path
 ) -> None:
-    champion, loser, winner = (make_adapter(tiny_model, store, tmp_path, v, seed=v) for v in (1, 2, 3))
+    champion, tied, loser, winner = (make_adapter(tiny_model, store, tmp_path, v, seed=v) for v in (1, 2, 3, 4))
     gw = make_gateway([engine.url], feedback={"database_url": store})
     assert admin(gw.url, "POST", f"/admin/adapters/{champion}/promote").status_code == 200
     db = create_engine(store)
@@ -168,6 +179,16 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
         # the worker's way: through the backends the gateway registered in Redis
         async with remote_loop(redis_url, db) as loop:
             return await action(loop)
+
+    asyncio.run(loop_call(lambda loop: loop.challenge(tied, ab_fraction=1.0)))
+    wait_served(gw.url, {champion, tied})
+    vote_for(gw.url, champion, 6, users=6)
+    vote_for(gw.url, tied, 6, users=6)
+    drain(redis_url, store)
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
+    assert ab is not None and (ab.wins, ab.losses, ab.decision) == (6, 6, "wait")
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95, max_votes=12)))
+    assert ab is not None and ab.decision == "retire", "12 votes without a clear win reach max_votes"
 
     asyncio.run(loop_call(lambda loop: loop.challenge(loser, ab_fraction=1.0)))
     wait_served(gw.url, {champion, loser})
@@ -184,11 +205,13 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
     drain(redis_url, store)
     ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
     assert ab is not None and ab.decision == "wait", "9 votes are fewer than ab_min_votes"
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.9999, max_votes=100)))
+    assert ab is not None and ab.decision == "wait", "no clear win yet, and under max_votes"
     vote_for(gw.url, winner, 3, users=6)
     drain(redis_url, store)
     ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
     assert ab is not None and (ab.wins, ab.losses, ab.decision) == (12, 0, "promote") and ab.lower > 0.5
-    assert statuses(store) == {champion: "retired", loser: "retired", winner: "champion"}
+    assert statuses(store) == {champion: "retired", tied: "retired", loser: "retired", winner: "champion"}
     wait_served(gw.url, {winner})
     db.dispose()
 

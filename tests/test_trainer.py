@@ -41,10 +41,11 @@ def settings(tmp: Path, tiny_model: Path, **train: Any) -> TrainerSettings:
     return TrainerSettings(data_dir=tmp, model=str(tiny_model), train=config, gate_length_prompts=4)
 
 
-def test_a_round_changes_lora_weights_only(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+def test_a_round_changes_lora_weights_only(tiny_model: Path, tmp_path: Path, sft_weight: float) -> None:
     import torch
 
-    s = settings(tmp_path, tiny_model)
+    s = settings(tmp_path, tiny_model, sft_weight=sft_weight)
     data = RoundData("dpo", rows(32), rows(8, 100), 32, 0, 0, None)
     model, tokenizer = load_model(str(tiny_model), None, s)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -52,6 +53,8 @@ def test_a_round_changes_lora_weights_only(tiny_model: Path, tmp_path: Path) -> 
 
     assert math.isfinite(figures["loss"]) and figures["steps"] == 8
     assert figures["last_loss"] < figures["first_loss"]
+    # DPO starts at ln 2 (the adapter starts as a no-op); the NLL term of the chosen answers comes on top
+    assert (figures["first_loss"] > math.log(2) + 0.2) == (sft_weight > 0), figures
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n and f".{CANDIDATE}." in n]
     assert lora and any(not torch.equal(before[n], after[n]) for n in lora), "LoRA weights did not change"

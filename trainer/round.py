@@ -160,7 +160,10 @@ def train(
     if data.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, loss_type=[config.loss_type], label_smoothing=config.label_smoothing)
+        loss_args: dict[str, Any] = {"loss_type": [config.loss_type]}
+        if config.sft_weight > 0:  # TRL combines the listed losses with these weights
+            loss_args = {"loss_type": [config.loss_type, "sft"], "loss_weights": [1.0, config.sft_weight]}
+        args = DPOConfig(**common, **loss_args, label_smoothing=config.label_smoothing)
         trainer: Any = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     else:
         from trl import KTOConfig, KTOTrainer

@@ -48,6 +48,13 @@ class TrainConfig:
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Assumed share of flipped labels, for the `robust` loss; in [0, 0.5)."}
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a negative log-likelihood term on the chosen answers added to the DPO loss (RPO); "
+            "keeps samples fluent when DPO alone would push both answers down. 0: plain DPO."
+        },
+    )
     learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the LoRA weights."})
     epochs: float = field(default=2.0, metadata={"help": "Passes over the round's training examples."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step (KTO needs at least 2)."})
@@ -64,6 +71,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must lie in [0, 0.5) for the robust loss")
+        if self.sft_weight < 0:
+            raise ValueError("sft_weight must not be negative")
         if self.batch_size < 1 or self.lora_r < 1 or self.epochs <= 0 or self.learning_rate <= 0:
             raise ValueError("batch_size, lora_r, epochs and learning_rate must be positive")
 
@@ -115,6 +124,9 @@ class TrainerSettings(BaseSettings):
     )
     ab_min_votes: int = Field(30, ge=1, description="Live votes a challenger needs before it can be promoted.")
     ab_confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the Wilson interval on its win rate.")
+    ab_max_votes: int = Field(
+        300, ge=1, description="Live votes after which a challenger that has not won is retired (no clear difference)."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Hyperparameters (`PAIRLOOP_TRAIN__<FIELD>`).")
     inject_failure: Literal["", "error", "nan"] = Field(
         "", description="Testing only: make every round fail (`error`) or produce a non-finite loss (`nan`)."

@@ -181,9 +181,10 @@ class Loop:
         await self._record([(result.before.challenger, "retired", reason)])
         return result
 
-    async def evaluate_ab(self, min_votes: int, confidence: float) -> AbResult | None:
+    async def evaluate_ab(self, min_votes: int, confidence: float, max_votes: int | None = None) -> AbResult | None:
         """Promote the challenger once its win rate's lower bound passes 0.5 (with `min_votes` votes), retire
-        it once the upper bound falls below 0.5. None when there is no challenger."""
+        it once the upper bound falls below 0.5, or when `max_votes` votes have not shown it better. None when
+        there is no challenger."""
         routing = await self.routing()
         challenger = routing.challenger
         if not challenger:
@@ -205,5 +206,10 @@ class Loop:
             decision = "retire"
             await self.retire_challenger(
                 f"lost the live A/B test: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
+            )
+        elif max_votes is not None and wins + losses >= max_votes:
+            decision = "retire"
+            await self.retire_challenger(
+                f"no clear win in {wins + losses} live votes: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
             )
         return AbResult(wins, losses, round(lower, 4), round(upper, 4), decision)

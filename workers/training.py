@@ -83,12 +83,21 @@ def enqueue_round(connection: redis.Redis, settings: TrainerSettings, trigger: s
 
 
 def check() -> dict[str, Any]:
-    """Cron job: judge the challenger's live record; start a round when enough new examples arrived."""
+    """Cron job: judge the challenger's live record; start a round when enough new examples arrived and no
+    challenger is on trial (the next round's parent is whoever wins it; its votes are the round's data)."""
     settings = TrainerSettings()
     out: dict[str, Any] = {}
-    ab = asyncio.run(_with_loop(settings, lambda loop: loop.evaluate_ab(settings.ab_min_votes, settings.ab_confidence)))
+    ab = asyncio.run(
+        _with_loop(
+            settings,
+            lambda loop: loop.evaluate_ab(settings.ab_min_votes, settings.ab_confidence, settings.ab_max_votes),
+        )
+    )
     if ab is not None:
         out["ab"] = ab.as_dict()
+        if ab.decision == "wait":
+            out["round"] = "waiting for the A/B test"
+            return out
     connection = _connection()
     try:
         if round_pending(connection, settings):
