@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import redis
 
-from serving.process import free_port, spawn, terminate
+from serving.process import Supervised, free_port, spawn
 
 
 def server_binary() -> str:
@@ -49,7 +49,7 @@ class EmbeddedRedis:
         self.password = password
         self.port = port or free_port()
         self.echo = echo
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.child = Supervised("the embedded Redis", self._spawn)
 
     @property
     def url(self) -> str:
@@ -75,12 +75,16 @@ class EmbeddedRedis:
             + "\n"
         )
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return spawn([server_binary(), str(self.dir / "server.conf")], log_path=self.dir / "server.log", echo=self.echo)
+
     def start(self, timeout_s: float = 15.0) -> None:
+        """Start the server (restarted with backoff if it dies: its AOF brings the data back) and wait for it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "server.conf"
         conf.write_text(self.config())
         conf.chmod(0o600)
-        self._proc = spawn([server_binary(), str(conf)], log_path=self.dir / "server.log", echo=self.echo)
+        self.child.start()
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -88,7 +92,7 @@ class EmbeddedRedis:
                 client.ping()
                 return
             except redis.ConnectionError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     self.stop()
                     log = self.dir / "server.log"
                     raise RuntimeError(f"the embedded Redis server did not start; see {log}") from None
@@ -98,6 +102,4 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """SIGTERM: Valkey flushes the AOF and exits."""
-        if self._proc:
-            terminate(self._proc, 10.0)
-            self._proc = None
+        self.child.stop(10.0)

@@ -18,7 +18,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from serving.process import free_port, signal_group, spawn, terminate
+from serving.process import Supervised, free_port, spawn
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,11 @@ class EngineProcess:
     def __init__(self, config: EngineConfig, *, restart: bool = True, max_backoff_s: float = 30.0) -> None:
         self.config = config
         self.port = config.port or free_port()
-        self.restart = restart
-        self.max_backoff_s = max_backoff_s
-        self.restarts = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._spawn_error: OSError | None = None
+        self.child = Supervised("vLLM", self._spawn, restart=restart, max_backoff_s=max_backoff_s)
+
+    @property
+    def restarts(self) -> int:
+        return self.child.restarts
 
     @property
     def url(self) -> str:
@@ -76,7 +72,7 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self.child.pid
 
     def command(self) -> list[str]:
         c = self.config
@@ -120,47 +116,17 @@ class EngineProcess:
 
     def start(self) -> None:
         """Start the child (and its watcher); returns at once. See `wait_ready`."""
-        if self._thread is not None:
-            raise RuntimeError("engine already started")
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._spawn_error is not None:
-            self._thread = None
-            raise RuntimeError(f"could not start vLLM: {self._spawn_error}") from self._spawn_error
+        self.child.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         log.info("starting vLLM on %s: %s", self.url, shlex.join(self.command()))
         return spawn(self.command(), env=self.environment(), log_path=self.config.log_path, echo=self.config.echo)
 
-    def _watch(self) -> None:
-        # The child is spawned from this thread, which lives as long as the child: PDEATHSIG is tied to it.
-        backoff = 1.0
-        while not self._stopping.is_set():
-            try:
-                self._proc = self._spawn()
-            except OSError as exc:
-                self._spawn_error = exc
-                self._started.set()
-                return
-            self._started.set()
-            began = time.monotonic()
-            code = self._proc.wait()
-            if self._stopping.is_set() or not self.restart:
-                return
-            log.error("vLLM exited with status %s; restarting in %.0f s", code, backoff)
-            if self._stopping.wait(backoff):
-                return
-            self.restarts += 1
-            # a run that stayed up for a while resets the backoff; a crash loop doubles it
-            backoff = 1.0 if time.monotonic() - began > 60 else min(backoff * 2, self.max_backoff_s)
-
     def wait_ready(self, timeout_s: float = 300.0) -> bool:
         """Block until vLLM answers `/health` (True), or the timeout passes or it exits for good (False)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None and not self.restart:
+            if self.child.exited():
                 return False
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
@@ -170,14 +136,8 @@ class EngineProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the child's process group (a crash, for tests); the watcher restarts it."""
-        if self._proc:
-            signal_group(self._proc, sig)
+        self.child.kill(sig)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the child for good: SIGTERM to its process group, SIGKILL after `timeout_s`."""
-        self._stopping.set()
-        if self._proc:
-            terminate(self._proc, timeout_s)
-        if self._thread:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self.child.stop(timeout_s)
