@@ -7,7 +7,11 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(ENGINE)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench lint fmt clean
+# The browser test drives Debian's Chromium (Playwright downloads no browser here); `make test` installs it.
+CHROMIUM ?= $(shell command -v chromium || echo /usr/bin/chromium)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser run test bench lint fmt clean
 
 setup: $(STAMP)
 
@@ -22,10 +26,15 @@ endif
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+browser:
+	@test -x $(CHROMIUM) || { echo "installing Debian's chromium for the browser test"; \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
+
 run: setup
 	$(BIN)/pairloop up
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

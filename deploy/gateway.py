@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from deploy import admin
+from deploy import admin, dashboard, web
 from feedback import app as feedback_app
 from feedback.settings import FeedbackSettings
 from serving.app import create_app
@@ -34,5 +34,8 @@ def build_app(
     )
     app.include_router(feedback_app.router)
     app.state.trainer_settings = trainer or TrainerSettings(data_dir=settings.data_dir)
+    app.state.worker_settings = workers
     app.include_router(admin.router)
+    app.include_router(dashboard.router)
+    web.install(app)
     return app

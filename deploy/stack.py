@@ -187,7 +187,12 @@ def _safe_url(url: str) -> str:
 
 def banner(stack: Stack) -> str:
     s = stack.settings
-    lines = ["", f"pairloop is ready: http://{s.host}:{s.port}/v1  (model: {s.served_model_name or '?'})"]
+    root = f"http://{s.host}:{s.port}"
+    lines = ["", f"pairloop is ready: {root}/v1  (model: {s.served_model_name or '?'})"]
+    # The key rides in the fragment, which browsers never send: the page moves it into its settings.
+    fragment = f"#key={stack.dev_key}" if stack.dev_key else ""
+    lines.append(f"  arena (vote):  {root}/{fragment}")
+    lines.append(f"  dashboard:     {root}/dashboard{fragment}")
     if stack.dev_key:
         lines.append(f"  development API key: {stack.dev_key}")
     lines += [f"  {note}" for note in stack.notes]

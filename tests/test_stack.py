@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import redis
 from rq import Queue
@@ -106,17 +107,42 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
         listing = run_cli("adapters", "list", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
         assert listing.returncode == 0 and json.loads(listing.stdout)["adapters"] == [], listing.stderr
         connection.close()
+
+        # The arena and the dashboard come from the gateway itself, and allow nothing from elsewhere.
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+        assert page.status_code == 200 and "arena.js" in page.text
+        assert page.headers["content-security-policy"].startswith("default-src 'self'")
+        assert httpx.get(f"http://127.0.0.1:{port}/static/dashboard.js").status_code == 200
+
+        # A crashed child is reported and restarted.
+        worker = feedback_worker(proc.pid)
+        worker.kill()
+        deadline = time.monotonic() + 30
+        while (again := feedback_worker(proc.pid)) is None or again.pid == worker.pid:
+            assert time.monotonic() < deadline, "the killed worker was not restarted"
+            time.sleep(0.3)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "development API key: pl-dev-" in out
+    assert f"arena (vote):  http://127.0.0.1:{port}/#key=pl-dev-" in out
+    assert "`pairloop worker` exited with status -9; restarting it in 1 s" in out
     assert "loopback only" in out
     # the embedded Redis and the worker it started are gone
     for pattern in (str(tmp_path / "redis"), "deploy worker", "deploy cron"):
         pid_lines = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
         assert pid_lines.strip() == "", pattern
     assert not (tmp_path / "run" / "redis-url").exists()
+
+
+def feedback_worker(pid: int) -> psutil.Process | None:
+    """The feedback worker among the children of `pairloop up` (process `pid`)."""
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline()[-2:] == ["deploy", "worker"]:
+                return child
+    return None
 
 
 def stored_ids(store: Path) -> set[str]:
