@@ -242,4 +242,5 @@ def _explain(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
 
 
-from deploy import loop_cli  # noqa: E402,F401  (registers `train`, `cron` and `adapters`)
+# registers `train`, `cron`, `adapters` and `simulate`
+from deploy import loop_cli, simulate_cli  # noqa: E402,F401
