@@ -63,4 +63,4 @@ def test_one_round_moves_the_polite_rate_up(tiny_model: Path, tmp_path: Path) ->
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with (out / "polite" / "results.csv").open() as f:
         assert [row["round"] for row in csv.DictReader(f)] == ["0", "1"]
-    assert "win rate" in r.stderr and "champion pl-v0001-" in r.stderr
+    assert "win rate" in r.stdout and "champion pl-v0001-" in r.stdout  # one line per round (tqdm.write)

@@ -137,10 +137,11 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
 
 
 def feedback_worker(pid: int) -> psutil.Process | None:
-    """The feedback worker among the children of `pairloop up` (process `pid`)."""
-    for child in psutil.Process(pid).children(recursive=True):
+    """The feedback worker among the direct children of `pairloop up` (process `pid`). RQ retitles its worker
+    process ("rq:worker:…: Listening on pairloop-feedback"); its scheduler, a fork, keeps the command line."""
+    for child in psutil.Process(pid).children():
         with contextlib.suppress(psutil.Error):
-            if child.cmdline()[-2:] == ["deploy", "worker"]:
+            if "Listening on pairloop-feedback" in " ".join(child.cmdline()):
                 return child
     return None
 
