@@ -103,7 +103,10 @@ class Api:
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         for _ in range(120):
-            resp = await self.client.request(method, path, json=body)
+            try:
+                resp = await self.client.request(method, path, json=body)
+            except httpx.TransportError as exc:
+                raise SimulationError(f"{method} {self.client.base_url}{path} failed: {exc!r}") from exc
             if resp.status_code in (429, 503):
                 await asyncio.sleep(min(float(resp.headers.get("Retry-After", "1")), 5.0))
                 continue
