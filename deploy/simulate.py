@@ -285,7 +285,7 @@ class Simulation:
             while (await self.routing()).get("challenger") == latest["adapter"] and not self._out_of_time():
                 current = await self.latest_round()
                 if current and current["id"] > latest["id"]:
-                    break  # enough new votes started another round, which will supersede it
+                    break  # a round started by hand (the cron check waits for the trial) will supersede it
                 await self.vote_batch()
         return latest
 
