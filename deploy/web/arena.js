@@ -1,11 +1,9 @@
 // The arena: one prompt, two streamed answers side by side, a vote (keys A, B, T, X) or thumbs on each.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 let current = null;   // {id, token, adapters, voted}
 let model = null;
 
-function setStatus(el, text, kind) { el.textContent = text; el.className = "status" + (kind ? " " + kind : ""); }
 function showKeyState() { $("key-state").textContent = Settings.key ? "key set" : "no API key: open Settings"; }
 
 function enableVoting(on) {

@@ -1,6 +1,11 @@
 // Shared by the arena and the dashboard: the settings kept in localStorage, and calls to the public API.
 "use strict";
 
+const $ = (id) => document.getElementById(id);
+
+// A status line: its text, styled "ok", "error" or plain.
+function setStatus(el, text, kind) { el.textContent = text; el.className = "status" + (kind ? " " + kind : ""); }
+
 const Settings = {
   get key() { return localStorage.getItem("pairloop.key") || ""; },
   set key(v) { localStorage.setItem("pairloop.key", v.trim()); },

@@ -1,10 +1,7 @@
 // The dashboard: GET /admin/dashboard every few seconds, drawn as figures, SVG charts and tables.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const fmt = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
-
-function setStatus(text, kind) { const el = $("status"); el.textContent = text; el.className = "status" + (kind ? " " + kind : ""); }
 
 function cell(row, text, cls) {
   const td = document.createElement("td");
@@ -83,12 +80,12 @@ function draw(d) {
 }
 
 async function refresh() {
-  if (!Settings.key) { setStatus("enter an API key with the admin scope", "error"); return; }
+  if (!Settings.key) { setStatus($("status"), "enter an API key with the admin scope", "error"); return; }
   try {
     draw(await api("GET", "/admin/dashboard"));
-    setStatus("updated " + new Date().toLocaleTimeString(), "ok");
+    setStatus($("status"), "updated " + new Date().toLocaleTimeString(), "ok");
   } catch (err) {
-    setStatus(err.message, "error");
+    setStatus($("status"), err.message, "error");
   }
 }
 
