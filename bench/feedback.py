@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway import start_gateway  # noqa: E402
-from serving.process import free_port  # noqa: E402
+from deploy.local.process import free_port  # noqa: E402
 
 ECHO_APP = """
 from fastapi import FastAPI, Request

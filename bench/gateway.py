@@ -13,7 +13,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving.process import free_port  # noqa: E402
+from deploy.local.process import free_port  # noqa: E402
 
 
 def start_gateway(

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway import start_gateway  # noqa: E402
-from serving.engine import EngineConfig, EngineProcess  # noqa: E402
+from deploy.local.engine import EngineConfig, EngineProcess  # noqa: E402
 from serving.settings import default_data_dir  # noqa: E402
 from trainer.tiny import corpus  # noqa: E402
 from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gateway import start_gateway  # noqa: E402
 from bench.pairs import NAME, pick_model  # noqa: E402
-from serving.engine import EngineConfig, EngineProcess  # noqa: E402
+from deploy.local.engine import EngineConfig, EngineProcess  # noqa: E402
 
 BODY = {"model": NAME, "messages": [{"role": "user", "content": "Tell me about tea."}], "max_tokens": 12}
 
@@ -90,7 +90,8 @@ async def record_swap(redis_url: str, name: str, path: str) -> float:
     """The training worker's way: load and probe through the registered backends, then write the record."""
     from redis.asyncio import Redis
 
-    from serving.adapters import VllmAdmin, promoting, registered_backends, swap
+    from serving.routing import promoting, registered_backends, swap
+    from serving.vllm_admin import VllmAdmin
 
     async with Redis.from_url(redis_url) as client, httpx.AsyncClient() as http:
         result = await swap(client, VllmAdmin(http), await registered_backends(client), promoting(name, path))

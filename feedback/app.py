@@ -8,17 +8,16 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from feedback.api import router
+from feedback.queue import FeedbackQueue
 from feedback.service import FeedbackService
 from feedback.settings import FeedbackSettings
 from feedback.store import make_engine
 from serving.app import Extension
-from workers.queue import FeedbackQueue
-from workers.settings import WorkerSettings
 
 __all__ = ["extension", "router"]
 
 
-def extension(feedback: FeedbackSettings, workers: WorkerSettings) -> Extension:
+def extension(feedback: FeedbackSettings) -> Extension:
     """Starts the feedback service inside the gateway's lifespan (include `router` in the app as well)."""
 
     @contextlib.asynccontextmanager
@@ -26,7 +25,7 @@ def extension(feedback: FeedbackSettings, workers: WorkerSettings) -> Extension:
         settings = app.state.settings
         queue = FeedbackQueue(
             app.state.redis,
-            workers,
+            feedback,
             wait_aof=feedback.feedback_durability == "aof",
             waitaof_timeout_ms=feedback.feedback_waitaof_timeout_ms,
         )

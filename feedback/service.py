@@ -3,7 +3,7 @@
 Order of the checks, each with its own answer: the completion must exist (404) and be within its TTL
 (410); the token must be genuine and made for this completion and this key (403); the choice must exist
 (422); the judge's buckets must have room (429). Then one Redis transaction claims the `feedback_id` and
-the judge's slot on this completion and enqueues the event (`workers.queue`); a taken claim is either a
+the judge's slot on this completion and enqueues the event (`feedback.queue`); a taken claim is either a
 retry of the same event (the first answer again) or a conflict (409). Nothing is written for a refusal.
 """
 
@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from feedback.errors import CompletionExpired, CompletionNotFound, FeedbackConflict, InvalidFeedback, TokenRejected
+from feedback.queue import Claim, FeedbackQueue, QueueUnavailable
 from feedback.schema import (
     EditFeedback,
     FeedbackAccepted,
@@ -35,7 +36,6 @@ from serving.auth import Principal
 from serving.errors import Unavailable
 from serving.protocol import CompletionRecord
 from serving.ratelimit import RateLimiter
-from workers.queue import Claim, FeedbackQueue, QueueUnavailable
 
 AnyFeedback = PairwiseFeedback | RatingFeedback | EditFeedback
 

@@ -1,33 +1,20 @@
-"""Settings of the feedback API and the preference store. Environment prefix `PAIRLOOP_`."""
+"""Settings of the feedback API and its queue. Environment prefix `PAIRLOOP_` (the base: serving/settings.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
-from serving.settings import default_data_dir
+from serving.settings import PairloopSettings
 
 Durability = Literal["aof", "none"]
 
 
-def default_database_url(data_dir: Path) -> str:
-    """The embedded default: a SQLite file in the data dir."""
-    return f"sqlite:///{data_dir / 'pairloop.db'}"
+class FeedbackSettings(PairloopSettings):
+    """What the feedback endpoint accepts, how it makes events durable, and the queue it puts them on."""
 
-
-class FeedbackSettings(BaseSettings):
-    """What the feedback endpoint accepts, how it makes events durable, and where the store lives."""
-
-    model_config = SettingsConfigDict(env_prefix="PAIRLOOP_", extra="ignore")
-
-    data_dir: Path = Field(default_factory=default_data_dir, description="Models, secrets, logs, databases.")
-    database_url: str | None = Field(
-        None,
-        description="SQLAlchemy URL of the preference store (`postgresql+psycopg://…`); unset: SQLite in the data dir.",
-    )
     feedback_durability: Durability = Field(
         "aof",
         description="`aof`: answer 202 only after `WAITAOF` confirms the queued event is fsynced (Redis >= 7.2 or "
@@ -37,6 +24,17 @@ class FeedbackSettings(BaseSettings):
     feedback_allow_edits: bool = Field(False, description="Accept `edit` feedback: a user-written corrected answer.")
     feedback_max_edit_chars: int = Field(8000, ge=1, le=100_000, description="Longest accepted edit text.")
     feedback_max_comment_chars: int = Field(2000, ge=0, le=20_000, description="Longest accepted comment.")
+    queue_name: str = Field("pairloop-feedback", pattern=r"^[A-Za-z0-9_.-]+$", description="RQ queue of events.")
+    job_timeout_s: int = Field(30, ge=1, description="Longest run of one job before RQ stops it and retries.")
+    job_retry_intervals_s: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [0, 5, 30, 120, 600],
+        description="Comma-separated waits before each retry of a failed job (the first at once: its worker may "
+        "have died), then it stays in the failed registry.",
+    )
 
-    def store_url(self) -> str:
-        return self.database_url or default_database_url(self.data_dir)
+    @field_validator("job_retry_intervals_s", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(v) for v in value.split(",") if v.strip()]
+        return value

@@ -13,16 +13,17 @@ import httpx
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from serving.adapters import AdapterRouter, VllmAdmin
 from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.chat import ChatService
 from serving.errors import install_handlers
+from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
 from serving.ratelimit import RateLimiter
 from serving.settings import ServingSettings
+from serving.vllm_admin import VllmAdmin
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from serving import records, tokens
-from serving.adapters import AdapterError, AdapterRouter
 from serving.auth import Principal
 from serving.backends import BackendPool
-from serving.errors import InvalidRequest, ModelNotFound, ServingError, Unavailable, UpstreamError, error_body
+from serving.errors import (
+    AdapterError,
+    InvalidRequest,
+    ModelNotFound,
+    ServingError,
+    Unavailable,
+    UpstreamError,
+    error_body,
+)
+from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.protocol import ChatCompletionRequest, CompletionRecord, SamplingParams, ServedChoice
 from serving.settings import ServingSettings

@@ -5,20 +5,28 @@ ServingError
 ├── Unauthorized            401  no key, or a wrong one
 ├── Forbidden               403  a key without the scope
 ├── ModelNotFound           404  a model (or adapter) we do not serve
+├── Conflict                409  the request clashes with the current state (a round already running, ...)
+├── AdapterError            404/409/502/503  a swap could not be made; nothing changed in what is served
 ├── PayloadTooLarge         413  a body over the size limit
 ├── RateLimited             429  a key's or user's token bucket is empty: retry after `Retry-After`
 ├── UpstreamError           4xx  vLLM refused the request (its status and message are passed on)
 └── Unavailable             503  no vLLM backend or no Redis: try again after `Retry-After`
+
+Other packages extend the tree (feedback/errors.py). Anything else that escapes a route is answered by the
+catch-all as a 500 in the same shape, logged with its traceback, and never shows the client its message.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ServingError(Exception):
@@ -64,6 +72,29 @@ class ModelNotFound(ServingError):
     status_code = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class Conflict(ServingError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class AdapterError(ServingError):
+    """A swap could not be made (unknown or rejected adapter, vLLM refused it, the record kept changing);
+    nothing changed in what is served. `status`: 404 unknown, 409 conflict, 502 vLLM failed, 503 no backend."""
+
+    _KINDS = {  # noqa: RUF012 (read only)
+        404: ("invalid_request_error", "adapter_not_found"),
+        409: ("invalid_request_error", "adapter_conflict"),
+        502: ("server_error", "upstream_error"),
+        503: ("service_unavailable", "unavailable"),
+    }
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = self.status_code = status
+        self.type, self.code = self._KINDS.get(status, ("server_error", "adapter_error"))
 
 
 class PayloadTooLarge(ServingError):
@@ -158,8 +189,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Any other exception: a bug or an outage nobody mapped. Logged with its traceback; the client learns
+    only that it happened (internals such as paths, SQL or addresses stay in the log)."""
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    _count(request, "server_error")
+    body = error_body("The server had an unexpected error; it has been logged.", "server_error", "internal_error")
+    return JSONResponse(body, status_code=500)
+
+
 def install_handlers(app: FastAPI) -> None:
-    """Map every error the gateway raises, and FastAPI's own, to OpenAI's error shape."""
+    """Map every error the gateway raises, FastAPI's own, and any unexpected one to OpenAI's error shape."""
     app.add_exception_handler(ServingError, _serving_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

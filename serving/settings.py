@@ -1,4 +1,9 @@
-"""Settings of the gateway and of the vLLM engine it starts. Environment prefix `PAIRLOOP_`."""
+"""Settings: `PairloopSettings`, the base every part's settings extend (environment prefix `PAIRLOOP_`, the data
+dir, the store, Redis, the base model), and `ServingSettings`, the gateway's and its vLLM engine's.
+
+Each package owns the settings it reads (`feedback/settings.py`, `workers/settings.py`, `trainer/settings.py`)
+and extends this base, so no field is declared twice and every part agrees on where the data lives.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,43 @@ Scope = Literal["chat", "feedback", "admin"]
 ALL_SCOPES: tuple[Scope, ...] = ("chat", "feedback", "admin")
 
 
+ENV_PREFIX = "PAIRLOOP_"
+
+
 def default_data_dir() -> Path:
     """`$XDG_DATA_HOME/pairloop`, or `~/.local/share/pairloop`."""
     import os
 
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "pairloop"
+
+
+def default_database_url(data_dir: Path) -> str:
+    """The embedded default store: a SQLite file in the data dir."""
+    return f"sqlite:///{data_dir / 'pairloop.db'}"
+
+
+class PairloopSettings(BaseSettings):
+    """What every part reads. Each field reads `PAIRLOOP_<NAME>` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="Models, secrets, logs, databases.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the preference store (`postgresql+psycopg://…`); unset: SQLite in the data dir.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis for records, queues and limits; unset: the embedded one of `pairloop up` in the data dir.",
+    )
+    model: str | None = Field(
+        None, description="Hugging Face id or local path of the base model; unset: the embedded tiny model."
+    )
+
+    def store_url(self) -> str:
+        """The preference store's SQLAlchemy URL."""
+        return self.database_url or default_database_url(self.data_dir)
 
 
 class ApiKey(BaseModel):
@@ -41,22 +77,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ServingSettings(BaseSettings):
-    """The gateway's settings. Each field reads `PAIRLOOP_<NAME>` from the environment."""
-
-    model_config = SettingsConfigDict(env_prefix="PAIRLOOP_", extra="ignore")
+class ServingSettings(PairloopSettings):
+    """The gateway's settings."""
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
-    data_dir: Path = Field(default_factory=default_data_dir, description="Models, secrets, logs, databases.")
-    model: str | None = Field(
-        None, description="Hugging Face id or local path of the base model; unset: the embedded tiny model."
-    )
     served_model_name: str | None = Field(
         None, description="Public name of the base model; default: the model id, or `pairloop-tiny`."
-    )
-    redis_url: str | None = Field(
-        None, description="Redis for records, queues and limits; unset: an embedded server in the data dir."
     )
     redis_appendfsync: Literal["always", "everysec"] = Field(
         "always",

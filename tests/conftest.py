@@ -7,38 +7,40 @@ Redis (or, where none answers, the embedded Valkey server), and the gateway over
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-import uvicorn
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from deploy.gateway import build_app
-from deploy.redis_server import EmbeddedRedis
-from feedback.migrate import upgrade
-from feedback.settings import FeedbackSettings
-from serving.engine import EngineConfig, EngineProcess
-from serving.process import free_port
-from serving.ratelimit import RateLimit
-from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
+from deploy.app.gateway import build_app
+from deploy.local.engine import EngineConfig, EngineProcess
+from deploy.local.redis_server import EmbeddedRedis
+from deploy.migrations import upgrade
+from tests.gateway_helpers import MODEL_NAME, ROOT, GatewayFactory, ServerThread, feedback_settings, settings_for
 from trainer.tiny.build import default_model_dir, ensure_built
-from workers.settings import WorkerSettings
+from workers import jobs, training
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_NAME = "pairloop-tiny"
-SECRET = "test-secret-" + "x" * 32
+NEEDS_ENGINE = {"engine", "gateway", "tiny_model"}
+"""Fixtures that start vLLM or build the tiny model: a test that takes one is slow, whatever its module says."""
 
-KEYS = {
-    "full": ApiKey(id="full", key="sk-full-0123456789abcdef", scopes=list(ALL_SCOPES)),
-    "chat": ApiKey(id="chatonly", key="sk-chat-0123456789abcdef", scopes=["chat"]),
-    "feedback": ApiKey(id="fbonly", key="sk-feedback-0123456789ab", scopes=["feedback"]),
-}
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if NEEDS_ENGINE & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_configuration_leaks() -> Iterator[None]:
+    """A worker process points its jobs at a store and a Redis once at start (`configure`); a test that does
+    the same leaves nothing behind for the next one."""
+    yield
+    jobs.configure(None)
+    training.configure(None)
 
 
 @pytest.fixture(scope="session")
@@ -141,70 +143,13 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-class ServerThread:
-    """A real uvicorn server in a thread of the test process."""
-
-    def __init__(self, app: object) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")  # type: ignore[arg-type]
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("gateway did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-GatewayFactory = Callable[..., ServerThread]
-
-
-NO_LIMIT = RateLimit(per_s=0, burst=1)
-
-
-def settings_for(redis_url: str, vllm_urls: list[str], tmp: Path, **overrides: object) -> ServingSettings:
-    values: dict[str, object] = {
-        "chat_limit_per_key": NO_LIMIT,
-        "chat_limit_per_user": NO_LIMIT,
-        "feedback_limit_per_key": NO_LIMIT,
-        "feedback_limit_per_user": NO_LIMIT,
-        "redis_url": redis_url,
-        "secret": SECRET,
-        "vllm_urls": vllm_urls,
-        "data_dir": tmp,
-        "api_keys": list(KEYS.values()),
-        "served_model_name": MODEL_NAME,
-        "health_interval_s": 0.5,
-        "retry_after_s": 3,
-        **overrides,
-    }
-    return ServingSettings(**values)  # type: ignore[arg-type]
-
-
-def feedback_settings(tmp: Path, store_url: str | None = None, **overrides: object) -> FeedbackSettings:
-    values: dict[str, object] = {"data_dir": tmp, "database_url": store_url, "feedback_durability": "none"}
-    return FeedbackSettings(**{**values, **overrides})  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def make_gateway(redis_url: str, tmp_path: Path) -> Iterator[GatewayFactory]:
     """Start gateways (serving + feedback) with the given overrides; all are stopped at the end of the test.
 
-    Rate limits are off unless a test sets them. `feedback=` and `workers=` take FeedbackSettings and
-    WorkerSettings overrides; the feedback durability is `none` unless given (the machine's Redis 7.0 has
-    no WAITAOF), and the store is SQLite in the test's directory unless `database_url` is given.
+    Rate limits are off unless a test sets them. `feedback=` takes FeedbackSettings overrides (the queue's
+    included); the feedback durability is `none` unless given (the machine's Redis 7.0 has no WAITAOF), and
+    the store is SQLite in the test's directory unless `database_url` is given.
     """
     started: list[ServerThread] = []
 
@@ -212,13 +157,11 @@ def make_gateway(redis_url: str, tmp_path: Path) -> Iterator[GatewayFactory]:
         vllm_urls: list[str],
         *,
         feedback: dict[str, object] | None = None,
-        workers: dict[str, object] | None = None,
         **overrides: object,
     ) -> ServerThread:
         settings = settings_for(overrides.pop("redis_url", redis_url), vllm_urls, tmp_path, **overrides)  # type: ignore[arg-type]
         fs = feedback_settings(tmp_path, **(feedback or {}))
-        ws = WorkerSettings(data_dir=tmp_path, database_url=fs.database_url, **(workers or {}))  # type: ignore[arg-type]
-        server = ServerThread(build_app(settings, fs, ws)).__enter__()
+        server = ServerThread(build_app(settings, fs)).__enter__()
         started.append(server)
         return server
 
@@ -232,5 +175,5 @@ def gateway(engine: EngineProcess, redis_url: str, tmp_path_factory: pytest.Temp
     """The gateway over the session's vLLM engine; its URL."""
     tmp = tmp_path_factory.mktemp("gw")
     settings = settings_for(redis_url, [engine.url], tmp, max_body_bytes=64 * 1024, max_tokens_limit=200)
-    with ServerThread(build_app(settings, feedback_settings(tmp), WorkerSettings(data_dir=tmp))) as server:
+    with ServerThread(build_app(settings, feedback_settings(tmp))) as server:
         yield server.url

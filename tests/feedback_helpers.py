@@ -13,11 +13,11 @@ import redis
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from feedback.migrate import upgrade
+from deploy.migrations import upgrade
 from feedback.store import Completion, Feedback
 from serving import records, tokens
 from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
-from tests.conftest import KEYS, MODEL_NAME, SECRET
+from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
 from workers import jobs
 from workers.runner import make_worker
 from workers.settings import WorkerSettings

@@ -10,10 +10,10 @@ import httpx
 import pytest
 import redis
 
-from feedback.migrate import upgrade
-from serving.engine import EngineProcess
-from serving.process import free_port
-from tests.conftest import KEYS, GatewayFactory
+from deploy.local.engine import EngineProcess
+from deploy.local.process import free_port
+from deploy.migrations import upgrade
+from tests.gateway_helpers import KEYS, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import redis
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
+from deploy.local.engine import EngineProcess
 from feedback.export import export
-from serving.engine import EngineProcess
-from tests.conftest import GatewayFactory
 from tests.feedback_helpers import chat_pair, drain, send, vote
+from tests.gateway_helpers import GatewayFactory
 
 pytestmark = pytest.mark.slow
 

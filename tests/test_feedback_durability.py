@@ -17,12 +17,12 @@ import httpx
 import pytest
 import redis
 
-from deploy.redis_server import EmbeddedRedis
-from feedback.migrate import upgrade
-from serving.process import spawn, terminate
-from tests.conftest import GatewayFactory
+from deploy.local.process import spawn, terminate
+from deploy.local.redis_server import EmbeddedRedis
+from deploy.migrations import upgrade
+from feedback.queue import status
 from tests.feedback_helpers import auth, count_feedback, seed_completions, stored_feedback, vote
-from workers.queue import status
+from tests.gateway_helpers import GatewayFactory
 from workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.engine import EngineProcess
-from tests.conftest import GatewayFactory
+from deploy.local.engine import EngineProcess
 from tests.feedback_helpers import chat_pair, drain, send, stored_completions, stored_feedback, vote
+from tests.gateway_helpers import GatewayFactory
 
 pytestmark = pytest.mark.slow
 

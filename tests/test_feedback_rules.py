@@ -12,12 +12,12 @@ import httpx
 import pytest
 import redis
 
+from deploy.local.engine import EngineProcess
+from feedback.queue import status
 from serving import tokens
-from serving.engine import EngineProcess
 from serving.ratelimit import RateLimit
-from tests.conftest import SECRET, GatewayFactory, ServerThread
 from tests.feedback_helpers import auth, chat, chat_pair, drain, send, stored_feedback, vote
-from workers.queue import status
+from tests.gateway_helpers import SECRET, GatewayFactory, ServerThread
 from workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import KEYS
+from tests.gateway_helpers import KEYS
 
 pytestmark = pytest.mark.slow
 

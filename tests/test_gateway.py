@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from serving import tokens
-from tests.conftest import KEYS, MODEL_NAME, SECRET
+from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
 
 pytestmark = pytest.mark.slow
 

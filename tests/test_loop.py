@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from feedback.migrate import upgrade
-from serving.engine import EngineProcess
-from tests.conftest import MODEL_NAME, GatewayFactory
-from tests.feedback_helpers import chat_pair, drain, send, vote
+from deploy.local.engine import EngineProcess
+from deploy.migrations import upgrade
+from tests.feedback_helpers import chat, chat_pair, drain, send, vote
+from tests.gateway_helpers import MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses
+from trainer.errors import RoundBusy
+from trainer.queue import LOCK_KEY
 from trainer.settings import TrainerSettings
 from workers import training
 
@@ -41,9 +43,11 @@ def loop_env(
         "PAIRLOOP_GATE_LENGTH_PROMPTS": "4",
         "PAIRLOOP_HOLDOUT_FRACTION": "0.25",
         "PAIRLOOP_MAX_USER_SHARE": "0.2",
-        "PAIRLOOP_TRAIN__LEARNING_RATE": "5e-4",
-        "PAIRLOOP_TRAIN__EPOCHS": "2",
+        # A rate that learns decisively (5e-4 barely moved the tiny model: the gate's verdict was chance).
+        "PAIRLOOP_TRAIN__LEARNING_RATE": "2e-3",
+        "PAIRLOOP_TRAIN__EPOCHS": "3",
         "PAIRLOOP_TRAIN__MIN_PAIRS": "4",
+        "PAIRLOOP_TRAIN__SEED": "0",
     }.items():
         monkeypatch.setenv(key, value)
     training.configure(redis_url)
@@ -51,16 +55,17 @@ def loop_env(
     clear_routing(redis_url)
 
 
-def collect_votes(gw: str, pairs: int) -> int:
+def collect_votes(gw: str, pairs: int, first_seed: int = 0) -> int:
     """Chat pairs judged by a simulated user who prefers the shorter answer: a taste that 40 votes teach the
-    tiny model well enough to pass the gate on held-out pairs (the length bound is lifted for it)."""
+    tiny model well enough to pass the gate on held-out pairs (the length bound is lifted for it). Each
+    request is seeded, so the same pairs are sampled run after run."""
     sent = 0
     for i in range(pairs * 4):
         user = f"judge-{i % 8}"
-        data = chat_pair(gw, user=user, max_tokens=48)
+        data = chat(gw, user=user, max_tokens=48, seed=first_seed + i)
         texts = [c["message"]["content"] for c in data["choices"]]
         if len(texts[0]) == len(texts[1]):
-            continue
+            continue  # identical, or no shorter one: no preference
         preference = 0 if len(texts[0]) < len(texts[1]) else 1
         assert send(gw, vote(data, preference=preference, user=user)).status_code == 202
         sent += 1
@@ -110,12 +115,12 @@ def test_a_failed_round_leaves_the_champion_serving(
     monkeypatch.setenv("PAIRLOOP_INJECT_FAILURE", "error")
     result = training.train_round("manual")
     assert result["status"] == "failed" and "injected" in result["error"]
-    assert not rdb.exists(training.LOCK_KEY), "a failed round must release the lock"
+    assert not rdb.exists(LOCK_KEY), "a failed round must release the lock"
     data = chat_pair(gw.url, max_tokens=8)
     assert [c["adapter"] for c in data["pairloop"]["choices"]] == [MODEL_NAME, MODEL_NAME]
 
     monkeypatch.setenv("PAIRLOOP_INJECT_FAILURE", "nan")
-    collect_votes(gw.url, 10)
+    collect_votes(gw.url, 10, first_seed=1000)
     drain(redis_url, loop_env)
     result = training.train_round("manual")
     assert result["status"] == "rejected" and "not finite" in result["gate"]["reasons"][0]
@@ -143,8 +148,8 @@ def test_the_check_and_the_admin_api_start_one_round_at_a_time(
     r = admin(gw.url, "POST", "/admin/train")
     assert r.status_code == 202 and r.json()["status"] == "queued"
     assert rdb.llen("rq:queue:pairloop-training") == 1
-    rdb.set(training.LOCK_KEY, "another-round", ex=60)
-    with pytest.raises(training.RoundBusy):
+    rdb.set(LOCK_KEY, "another-round", ex=60)
+    with pytest.raises(RoundBusy):
         training.train_round("manual")
 
 

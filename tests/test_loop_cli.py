@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from deploy.redis_server import EmbeddedRedis
-from feedback.migrate import upgrade
+from deploy.local.redis_server import EmbeddedRedis
+from deploy.migrations import upgrade
+from tests.cli_helpers import cli
 from tests.loop_helpers import make_adapter
-from tests.test_queue_cli import cli
 
 pytestmark = pytest.mark.slow
 

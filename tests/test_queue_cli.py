@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,23 +14,15 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
-from deploy.redis_server import EmbeddedRedis
+from deploy.local.redis_server import EmbeddedRedis
+from feedback.queue import Claim, FeedbackQueue
 from feedback.schema import FeedbackEvent
+from tests.cli_helpers import cli
 from tests.feedback_helpers import drain, stored_feedback
-from tests.test_store import event, record
+from tests.store_helpers import event, record
 from workers import jobs
-from workers.queue import Claim, FeedbackQueue
 from workers.runner import FeedbackWorker, make_worker
 from workers.settings import WorkerSettings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "deploy", *args], env=base | env, capture_output=True, text=True, timeout=120
-    )
 
 
 def test_failed_jobs_are_visible_and_can_be_retried(valkey: EmbeddedRedis, tmp_path: Path) -> None:

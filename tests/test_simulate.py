@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.preferences import Matchup, Preference
-from deploy.simulate import prompt_sets
+from deploy.simulate.preferences import Matchup, Preference
+from deploy.simulate.run import prompt_sets
 
 POLITE = "Thank you for your question. Coffee is warm. I hope this helps!"
 CURT = "Okay. Coffee is warm and bitter. Many people find coffee warm."

@@ -19,10 +19,11 @@ import pytest
 import redis
 from rq import Queue
 
-from deploy.redis_server import EmbeddedRedis
-from serving.engine import EngineProcess
-from serving.process import free_port
-from tests.conftest import MODEL_NAME
+from deploy.local.engine import EngineProcess
+from deploy.local.process import free_port
+from deploy.local.redis_server import EmbeddedRedis
+from tests.cli_helpers import cli
+from tests.gateway_helpers import MODEL_NAME
 
 
 def test_embedded_redis_is_durable_and_private(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
         while not (store.exists() and answer.json()["id"] in stored_ids(store)):
             assert time.monotonic() < deadline, "the worker child did not store the event"
             time.sleep(0.3)
-        status = run_cli("queue", "status", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
+        status = cli("queue", "status", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
         assert status.returncode == 0, status.stderr
         counts = json.loads(status.stdout)
         assert counts["queued"] == 0 and counts["failed"] == 0 and counts["workers"] == 1
@@ -104,7 +105,7 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
         while control.finished_job_registry.count == 0:
             assert time.monotonic() < deadline, "no periodic check ran"
             time.sleep(0.3)
-        listing = run_cli("adapters", "list", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
+        listing = cli("adapters", "list", "--json", PAIRLOOP_DATA_DIR=str(tmp_path))
         assert listing.returncode == 0 and json.loads(listing.stdout)["adapters"] == [], listing.stderr
         connection.close()
 
@@ -122,6 +123,10 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
             assert time.monotonic() < deadline, "the killed worker was not restarted"
             time.sleep(0.3)
     finally:
+        # Its own children only: another `pairloop up` (`make run` beside the tests) has workers too.
+        children: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
@@ -129,10 +134,10 @@ def test_pairloop_up_serves_and_stops_its_children(engine: EngineProcess, tmp_pa
     assert f"arena (vote):  http://127.0.0.1:{port}/#key=pl-dev-" in out
     assert "`pairloop worker` exited with status -9; restarting it in 1 s" in out
     assert "loopback only" in out
-    # the embedded Redis and the worker it started are gone
-    for pattern in (str(tmp_path / "redis"), "deploy worker", "deploy cron"):
-        pid_lines = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-        assert pid_lines.strip() == "", pattern
+    # the embedded Redis, the workers, the trainer and cron it started are gone
+    assert len(children) >= 4, children
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], alive
     assert not (tmp_path / "run" / "redis-url").exists()
 
 
@@ -154,24 +159,17 @@ def stored_ids(store: Path) -> set[str]:
             return set()
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "deploy", *args], env=base | env, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_up_refuses_unsafe_settings_with_a_clear_message(tmp_path: Path) -> None:
-    r = run_cli("up", "--data-dir", str(tmp_path), PAIRLOOP_HOST="0.0.0.0")
+    r = cli("up", "--data-dir", str(tmp_path), PAIRLOOP_HOST="0.0.0.0")
     assert r.returncode == 2
     assert "loopback" in r.stderr and "PAIRLOOP_API_KEYS" in r.stderr
-    r = run_cli("up", "--data-dir", str(tmp_path), PAIRLOOP_REDIS_URL="redis://127.0.0.1:6379/9")
+    r = cli("up", "--data-dir", str(tmp_path), PAIRLOOP_REDIS_URL="redis://127.0.0.1:6379/9")
     assert r.returncode == 2 and "PAIRLOOP_SECRET" in r.stderr
-    r = run_cli("up", "--port", "70000")
+    r = cli("up", "--port", "70000")
     assert r.returncode == 2 and "port" in r.stderr
     assert not (tmp_path / "secrets").exists(), "nothing is written for a refused start"
 
 
 def test_build_tiny_uses_its_cache(tiny_model: Path) -> None:
-    r = run_cli("model", "build-tiny", "--out", str(tiny_model))
+    r = cli("model", "build-tiny", "--out", str(tiny_model))
     assert r.returncode == 0 and "(cached)" in r.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,44 +14,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
+from deploy.migrations import current, head
 from feedback.export import Format, dpo_rows, export, kto_rows, write
-from feedback.migrate import current, head
 from feedback.schema import FeedbackEvent
 from feedback.store import Base, save_event
-from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
+from tests.store_helpers import event, record
 from workers.jobs import configure, store_feedback
-
-
-def record(a: str = "Answer A.", b: str | None = "Answer B.", cid: str | None = None) -> CompletionRecord:
-    now = time.time()
-    texts = [a] if b is None else [a, b]
-    return CompletionRecord(
-        id=cid or f"chatcmpl-{uuid.uuid4().hex}",
-        model="pairloop-tiny",
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
-        sampling=SamplingParams(n=len(texts), temperature=1.0),
-        choices=[
-            ServedChoice(index=i, text=t, finish_reason="stop", adapter=f"adapter-{i}") for i, t in enumerate(texts)
-        ],
-        key_id="full",
-        user="alice",
-        stream=False,
-        created_at=now,
-        finished_at=now,
-        expires_at=now + 3600,
-    )
-
-
-def event(completion: CompletionRecord, kind: str = "pairwise", judge: str = "alice", **fields: Any) -> FeedbackEvent:
-    return FeedbackEvent(
-        feedback_id=str(uuid.uuid4()),
-        kind=kind,  # type: ignore[arg-type]
-        completion=completion,
-        judge_key_id="full",
-        judge_user=judge,
-        received_at=time.time(),
-        **fields,
-    )
 
 
 def save(store_url: str, *events: FeedbackEvent) -> list[bool]:

@@ -15,12 +15,13 @@ import pytest
 import redis
 from sqlalchemy import create_engine
 
-from feedback.migrate import upgrade
-from serving.engine import EngineProcess
-from tests.conftest import MODEL_NAME, GatewayFactory
+from deploy.local.engine import EngineProcess
+from deploy.migrations import upgrade
 from tests.feedback_helpers import PROMPT, auth, chat, drain, send, vote
+from tests.gateway_helpers import MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses
-from workers.promotion import remote_loop, wilson
+from trainer.ab import wilson
+from trainer.promotion import remote_promotions
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +178,7 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
 
     async def loop_call(action: Any) -> Any:
         # the worker's way: through the backends the gateway registered in Redis
-        async with remote_loop(redis_url, db) as loop:
+        async with remote_promotions(redis_url, db) as loop:
             return await action(loop)
 
     asyncio.run(loop_call(lambda loop: loop.challenge(tied, ab_fraction=1.0)))

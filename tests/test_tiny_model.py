@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import KEYS, MODEL_NAME
+from tests.gateway_helpers import KEYS, MODEL_NAME
 from trainer.tiny import corpus
 from trainer.tiny.build import TinyModelConfig, build, render_chat
 

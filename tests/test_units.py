@@ -10,11 +10,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
+from deploy.local.process import free_port
 from serving import tokens
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.errors import Forbidden, Unauthorized, Unavailable
-from serving.process import free_port
 from serving.settings import ApiKey, ServingSettings
 
 SECRET = b"s" * 32

@@ -11,10 +11,10 @@ import pytest
 import redis
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from feedback.migrate import upgrade
-from serving.engine import EngineProcess
-from tests.conftest import KEYS, MODEL_NAME, GatewayFactory, feedback_settings
+from deploy.local.engine import EngineProcess
+from deploy.migrations import upgrade
 from tests.feedback_helpers import drain
+from tests.gateway_helpers import KEYS, MODEL_NAME, GatewayFactory, feedback_settings
 
 pytestmark = pytest.mark.slow
 

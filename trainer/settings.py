@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from serving.settings import default_data_dir
+from serving.settings import ENV_PREFIX, PairloopSettings
 
 LossType = Literal["sigmoid", "robust", "ipo", "hinge"]
 Method = Literal["auto", "dpo", "kto"]
@@ -85,14 +85,11 @@ class TrainConfig:
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
-class TrainerSettings(BaseSettings):
+class TrainerSettings(PairloopSettings):
     """When rounds run, what they train on, the gate they must pass and the live A/B test after it."""
 
-    model_config = SettingsConfigDict(env_prefix="PAIRLOOP_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore")
 
-    data_dir: Path = Field(default_factory=default_data_dir, description="Models, secrets, logs, databases.")
-    database_url: str | None = Field(None, description="The preference store; unset: SQLite in the data dir.")
-    model: str | None = Field(None, description="The base model (as the gateway's); unset: the embedded tiny model.")
     training_queue: str = Field("pairloop-training", pattern=r"^[A-Za-z0-9_.-]+$", description="RQ queue of rounds.")
     control_queue: str = Field(
         "pairloop-control",
@@ -131,11 +128,6 @@ class TrainerSettings(BaseSettings):
     inject_failure: Literal["", "error", "nan"] = Field(
         "", description="Testing only: make every round fail (`error`) or produce a non-finite loss (`nan`)."
     )
-
-    def store_url(self) -> str:
-        from feedback.settings import default_database_url
-
-        return self.database_url or default_database_url(self.data_dir)
 
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 _store_url: str | None = None
 
 
-def configure(store_url: str) -> None:
+def configure(store_url: str | None) -> None:
     """Point this process's jobs at a store (the worker does this at start; default: from the environment)."""
     global _store_url
     _store_url = store_url

@@ -25,9 +25,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
-from feedback.migrate import upgrade
+from feedback.queue import make_queue
 from workers import jobs
-from workers.queue import make_queue
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -170,7 +169,8 @@ def make_worker(
 def run(
     redis_url: str, settings: WorkerSettings, *, burst: bool = False, name: str | None = None, training: bool = False
 ) -> None:
-    """Migrate the store, then work until SIGTERM/SIGINT (or, with `burst`, until the queue is empty).
+    """Work until SIGTERM/SIGINT (or, with `burst`, until the queue is empty). The store must be migrated
+    (`pairloop worker` does it first: deploy/migrations).
 
     A feedback worker takes the feedback queue only: on one queue RQ moves a job atomically into its
     intermediate queue as it takes it (BLMOVE), so a worker killed at that moment loses nothing; on several
@@ -181,19 +181,18 @@ def run(
     One process is one worker; run more feedback workers for more throughput (PostgreSQL takes their writes
     in parallel, SQLite one at a time).
     """
+    from trainer.queue import training_queue
     from trainer.settings import TrainerSettings
     from workers import training as training_jobs
 
-    store_url = settings.store_url()
-    upgrade(store_url)
-    jobs.configure(store_url)
+    jobs.configure(settings.store_url())
     training_jobs.configure(redis_url)
     os.register_at_fork(after_in_child=_children_die_with_worker)
     connection = redis.Redis.from_url(redis_url)
-    loop = TrainerSettings()
+    trainer = TrainerSettings()
     if training:
-        control = Queue(loop.control_queue, connection=connection, serializer=JSONSerializer)
-        queues = [control, training_jobs.training_queue(connection, loop)]
+        control = Queue(trainer.control_queue, connection=connection, serializer=JSONSerializer)
+        queues = [control, training_queue(connection, trainer)]
     else:
         queues = [make_queue(connection, settings)]
     worker = make_worker(connection, settings, name, queues)

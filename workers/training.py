@@ -1,10 +1,10 @@
 """The learning loop's jobs: the periodic check (cron, on the control queue) and the training round (on
 the training queue, in a worker process of its own so that a slow round never delays feedback).
 
-One round at a time: a round holds `pairloop:training:lock`, a Redis key whose TTL is `round_timeout_s`,
-so a round that crashed cannot hold it forever. A round that passes the gate becomes the challenger
-(or, with `ab_fraction` 0, the champion) at once; the check job later promotes or retires a challenger
-by its live A/B record.
+One round at a time, under the lock of `trainer/queue.py`. A round that passes the gate becomes the
+challenger (or, with `ab_fraction` 0, the champion) at once; the check job later promotes or retires a
+challenger by its live A/B record. RQ stores these functions by name (`workers.training.check`,
+`workers.training.train_round`): the names are part of what is queued, keep them.
 """
 
 from __future__ import annotations
@@ -24,22 +24,22 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from feedback.store import engine_for
-from serving.adapters import AdapterError
+from serving.errors import AdapterError
 from trainer import registry
 from trainer.data import count_new, select_round
 from trainer.errors import RoundBusy, RoundFailed
+from trainer.promotion import Promotions, remote_promotions
+from trainer.queue import LOCK_KEY, enqueue_round, round_pending
 from trainer.settings import TrainerSettings
-from workers.promotion import Loop, remote_loop
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "pairloop:training:lock"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 _redis_url: str | None = None
 
 
-def configure(redis_url: str) -> None:
+def configure(redis_url: str | None) -> None:
     """Point this process's jobs at a Redis (the worker does this at start)."""
     global _redis_url
     _redis_url = redis_url
@@ -51,32 +51,10 @@ def _connection() -> redis.Redis:
     return redis.Redis.from_url(_redis_url)
 
 
-async def _with_loop(settings: TrainerSettings, action: Any) -> Any:
+async def _with_promotions(settings: TrainerSettings, action: Any) -> Any:
     assert _redis_url
-    async with remote_loop(_redis_url, engine_for(settings.store_url())) as loop:
-        return await action(loop)
-
-
-def training_queue(connection: redis.Redis, settings: TrainerSettings) -> Queue:
-    return Queue(settings.training_queue, connection=connection, serializer=JSONSerializer)
-
-
-def round_pending(connection: redis.Redis, settings: TrainerSettings) -> bool:
-    """A round is queued or running."""
-    return bool(connection.exists(LOCK_KEY)) or training_queue(connection, settings).count > 0
-
-
-def enqueue_round(connection: redis.Redis, settings: TrainerSettings, trigger: str) -> Job:
-    """Queue a round for the training worker; `RoundBusy` if one is queued or running already."""
-    if round_pending(connection, settings):
-        raise RoundBusy("a training round is queued or running already")
-    return training_queue(connection, settings).enqueue(
-        "workers.training.train_round",
-        kwargs={"trigger": trigger},
-        job_timeout=settings.round_timeout_s,
-        result_ttl=7 * 24 * 3600,
-        failure_ttl=30 * 24 * 3600,
-    )
+    async with remote_promotions(_redis_url, engine_for(settings.store_url())) as promotions:
+        return await action(promotions)
 
 
 # -- the periodic check -----------------------------------------------------------------------------
@@ -88,9 +66,9 @@ def check() -> dict[str, Any]:
     settings = TrainerSettings()
     out: dict[str, Any] = {}
     ab = asyncio.run(
-        _with_loop(
+        _with_promotions(
             settings,
-            lambda loop: loop.evaluate_ab(settings.ab_min_votes, settings.ab_confidence, settings.ab_max_votes),
+            lambda p: p.evaluate_ab(settings.ab_min_votes, settings.ab_confidence, settings.ab_max_votes),
         )
     )
     if ab is not None:
@@ -154,7 +132,7 @@ def train_round(trigger: str = "manual") -> dict[str, Any]:
         raise RoundBusy("another training round holds the lock")
     store = engine_for(settings.store_url())
     try:
-        routing = asyncio.run(_with_loop(settings, lambda loop: loop.routing()))
+        routing = asyncio.run(_with_promotions(settings, lambda p: p.routing()))
         with Session(store) as session:
             # Holding the lock, no other round runs: one still marked running crashed.
             session.execute(
@@ -215,14 +193,14 @@ def train_round(trigger: str = "manual") -> dict[str, Any]:
 def _advance(settings: TrainerSettings, name: str) -> tuple[str, str | None]:
     """Make a candidate that passed the gate the challenger, or the champion with `ab_fraction` 0."""
 
-    async def act(loop: Loop) -> None:
+    async def act(promotions: Promotions) -> None:
         if settings.ab_fraction > 0:
-            await loop.challenge(name, settings.ab_fraction)
+            await promotions.challenge(name, settings.ab_fraction)
         else:
-            await loop.promote(name, "passed the offline gate (ab_fraction 0)")
+            await promotions.promote(name, "passed the offline gate (ab_fraction 0)")
 
     try:
-        asyncio.run(_with_loop(settings, act))
+        asyncio.run(_with_promotions(settings, act))
     except AdapterError as exc:
         # It stays a candidate: `pairloop adapters promote` can serve it once vLLM is reachable.
         log.error("could not serve %s: %s", name, exc.message)

@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from deploy.preferences import Matchup, Preference
-from serving.process import free_port, spawn, terminate
+from deploy.local.process import free_port, spawn, terminate
+from deploy.simulate.preferences import Matchup, Preference
 from trainer.tiny.corpus import PROMPTS, TOPICS, words
 
 
@@ -225,8 +225,10 @@ class Simulation:
     # -- users -------------------------------------------------------------------------------------
 
     async def _one_vote(self) -> None:
+        # Drawn before the first await, in the order gather starts the users: the same seed, the same requests.
         user = f"sim-{self.rng.randrange(self.config.users)}"
-        data = await self.api.chat(self.rng.choice(self.voting), n=2, max_tokens=self.config.max_tokens, user=user)
+        prompt, seed = self.rng.choice(self.voting), self.rng.randrange(2**31)
+        data = await self.api.chat(prompt, n=2, max_tokens=self.config.max_tokens, user=user, seed=seed)
         a, b = (c["message"]["content"] or "" for c in data["choices"])
         verdict = self.config.preference.compare(a, b)
         await self.api.call(

@@ -16,15 +16,15 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from deploy.admin import Admin
+from feedback import queue as feedback_queue
+from feedback.settings import FeedbackSettings
 from feedback.store import Feedback
-from serving.adapters import load_routing, routing_json
+from serving.routing import load_routing, routing_json
+from trainer import queue as training_queue
 from trainer import registry
+from trainer.ab import ab_votes, wilson
+from trainer.api import Admin
 from trainer.settings import TrainerSettings
-from workers import queue as feedback_queue
-from workers import training
-from workers.promotion import ab_votes, wilson
-from workers.settings import WorkerSettings
 
 router = APIRouter(prefix="/admin")
 
@@ -82,13 +82,13 @@ def _read_store(store: Engine, challenger: str | None, confidence: float) -> dic
         }
 
 
-def _read_queues(url: str, workers: WorkerSettings, trainer: TrainerSettings) -> dict[str, Any]:
+def _read_queues(url: str, feedback: FeedbackSettings, trainer: TrainerSettings) -> dict[str, Any]:
     with redis.Redis.from_url(url, socket_timeout=5.0) as connection:
         return {
-            "feedback": feedback_queue.status(connection, workers).as_dict(),
+            "feedback": feedback_queue.status(connection, feedback).as_dict(),
             "training": {
-                "queued": training.training_queue(connection, trainer).count,
-                "running": bool(connection.exists(training.LOCK_KEY)),
+                "queued": training_queue.training_queue(connection, trainer).count,
+                "running": bool(connection.exists(training_queue.LOCK_KEY)),
             },
         }
 
@@ -101,6 +101,6 @@ async def dashboard(request: Request, _: Admin) -> dict[str, Any]:
     data = await asyncio.to_thread(_read_store, state.store, routing.challenger, trainer.ab_confidence)
     if data["ab"] is not None:
         data["ab"] |= {"min_votes": trainer.ab_min_votes, "confidence": trainer.ab_confidence}
-    data["queues"] = await asyncio.to_thread(_read_queues, state.settings.redis_url, state.worker_settings, trainer)
+    data["queues"] = await asyncio.to_thread(_read_queues, state.settings.redis_url, state.feedback_settings, trainer)
     data["routing"] = routing_json(routing)
     return data

@@ -1,32 +1,26 @@
-"""Promote, roll back, challenge, retire: one call changes what is served (the routing record in Redis,
-through `serving.adapters.swap`) and records it in the adapter registry (SQL).
+"""The adapter registry's state machine: promote, roll back, challenge, retire, and the live A/B decision.
 
-The swap comes first: if vLLM cannot load or serve the adapter, the registry is left as it was. The live
-A/B test (`evaluate_ab`) counts pairwise votes on pairs where the challenger played, and decides with a
-Wilson interval on its win rate (ties and `both_bad` carry no preference and are not counted).
+One call changes what is served (the routing record in Redis, through `serving.routing.swap`) and records it
+in the adapter registry (SQL, `trainer/registry.py`). The swap comes first: if vLLM cannot load or serve the
+adapter, the registry is left as it was. `Promotions` is used by the gateway's admin API, the CLI and the
+training worker alike; `evaluate_ab` applies the rule of `trainer/ab.py` to the challenger's live record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import statistics
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 from redis.asyncio import Redis
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from feedback.store import Completion, Feedback
-from serving.adapters import (
-    AdapterError,
+from serving.errors import AdapterError
+from serving.routing import (
     Routing,
     SwapResult,
-    VllmAdmin,
     challenging,
     load_routing,
     promoting,
@@ -35,17 +29,19 @@ from serving.adapters import (
     swap,
     unchallenged,
 )
+from serving.vllm_admin import VllmAdmin
 from trainer import registry
+from trainer.ab import AbResult, ab_votes, decide
 
 Swapper = Callable[[Callable[[Routing], Routing]], Awaitable[SwapResult]]
 
 
 @contextlib.asynccontextmanager
-async def remote_loop(redis_url: str, store: Engine) -> AsyncIterator[Loop]:
-    """A `Loop` that swaps through the vLLM backends running gateways registered in Redis: the way of the
+async def remote_promotions(redis_url: str, store: Engine) -> AsyncIterator[Promotions]:
+    """`Promotions` that swap through the vLLM backends running gateways registered in Redis: the way of the
     training worker and of `pairloop adapters`."""
     async with Redis.from_url(redis_url, socket_connect_timeout=5) as client, httpx.AsyncClient() as http:
-        yield Loop(client, store, remote_swapper(client, VllmAdmin(http)))
+        yield Promotions(client, store, remote_swapper(client, VllmAdmin(http)))
 
 
 def remote_swapper(redis: Redis, admin: VllmAdmin) -> Swapper:
@@ -57,62 +53,8 @@ def remote_swapper(redis: Redis, admin: VllmAdmin) -> Swapper:
     return run
 
 
-@dataclass
-class AbResult:
-    wins: int
-    losses: int
-    lower: float
-    upper: float
-    decision: str
-    """`promote`, `retire` or `wait`."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "wins": self.wins,
-            "losses": self.losses,
-            "lower": self.lower,
-            "upper": self.upper,
-            "decision": self.decision,
-        }
-
-
-def wilson(wins: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score interval of a win rate (0, 1 with no votes)."""
-    if n == 0:
-        return 0.0, 1.0
-    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def ab_votes(session: Session, challenger: str) -> tuple[int, int]:
-    """(wins, losses) of `challenger` in pairwise votes on pairs it played in against another adapter."""
-    query = (
-        select(Feedback.preference, Completion.adapter_a, Completion.adapter_b)
-        .join(Completion, Feedback.completion_id == Completion.id)
-        .where(
-            Feedback.kind == "pairwise",
-            Feedback.preference.in_(("0", "1")),
-            or_(
-                and_(Completion.adapter_a == challenger, Completion.adapter_b != challenger),
-                and_(Completion.adapter_b == challenger, Completion.adapter_a != challenger),
-            ),
-        )
-    )
-    wins = losses = 0
-    for preference, a, b in session.execute(query):
-        winner = a if preference == "0" else b
-        if winner == challenger:
-            wins += 1
-        else:
-            losses += 1
-    return wins, losses
-
-
-class Loop:
-    """The control surface of the learning loop, shared by the admin API, the CLI and the training worker."""
+class Promotions:
+    """Changes what is served and records it: shared by the admin API, the CLI and the training worker."""
 
     def __init__(self, redis: Redis, store: Engine, swapper: Swapper) -> None:
         self.redis = redis
@@ -182,9 +124,8 @@ class Loop:
         return result
 
     async def evaluate_ab(self, min_votes: int, confidence: float, max_votes: int | None = None) -> AbResult | None:
-        """Promote the challenger once its win rate's lower bound passes 0.5 (with `min_votes` votes), retire
-        it once the upper bound falls below 0.5, or when `max_votes` votes have not shown it better. None when
-        there is no challenger."""
+        """Judge the challenger's live record (`trainer.ab.decide`) and act on it: promote it or retire it.
+        None when there is no challenger."""
         routing = await self.routing()
         challenger = routing.challenger
         if not challenger:
@@ -195,21 +136,9 @@ class Loop:
                 return ab_votes(session, challenger)
 
         wins, losses = await asyncio.to_thread(count)
-        lower, upper = wilson(wins, wins + losses, confidence)
-        decision = "wait"
-        if lower > 0.5 and wins + losses >= min_votes:
-            decision = "promote"
-            await self.promote(
-                challenger, f"won the live A/B test: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
-            )
-        elif upper < 0.5:
-            decision = "retire"
-            await self.retire_challenger(
-                f"lost the live A/B test: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
-            )
-        elif max_votes is not None and wins + losses >= max_votes:
-            decision = "retire"
-            await self.retire_challenger(
-                f"no clear win in {wins + losses} live votes: {wins}-{losses}, interval [{lower:.3f}, {upper:.3f}]"
-            )
-        return AbResult(wins, losses, round(lower, 4), round(upper, 4), decision)
+        result = decide(wins, losses, min_votes, confidence, max_votes)
+        if result.decision == "promote":
+            await self.promote(challenger, result.reason)
+        elif result.decision == "retire":
+            await self.retire_challenger(result.reason)
+        return result

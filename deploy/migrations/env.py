@@ -1,14 +1,15 @@
-"""Alembic environment of the preference store: run by `feedback.migrate.upgrade` (or `alembic` by hand)."""
+"""Alembic environment of the store: run by `deploy.migrations.upgrade` (or `alembic` by hand)."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import text
 
-from feedback.store import Base, make_engine
+from deploy.migrations import metadata
+from feedback.store import make_engine
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata()
 
 
 def run_migrations_offline() -> None:

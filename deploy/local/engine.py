@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from serving.process import Supervised, free_port, spawn
+from deploy.local.process import Supervised, free_port, spawn
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The feedback queue: RQ over Redis, with the JSON serializer and retries.
+"""The feedback queue, producer side: RQ over Redis, with the JSON serializer and retries (the workers that
+drain it: workers/runner.py).
 
 `FeedbackQueue.submit` is what the API calls for each event. One Lua script checks the event's claims (its
 `feedback_id`, and the judge's verdict on that completion), and only if all are free sets them and writes
@@ -29,7 +30,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
-from workers.settings import WorkerSettings
+from feedback.settings import FeedbackSettings
 
 JOB_FUNCTION = "workers.jobs.store_feedback"
 FAILURE_TTL_S = 30 * 24 * 3600
@@ -80,7 +81,7 @@ class Claim:
     ttl_s: int
 
 
-def make_queue(connection: redis.Redis, settings: WorkerSettings) -> Queue:
+def make_queue(connection: redis.Redis, settings: FeedbackSettings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
@@ -105,7 +106,7 @@ class FeedbackQueue:
     def __init__(
         self,
         client: AsyncRedis,
-        settings: WorkerSettings,
+        settings: FeedbackSettings,
         *,
         wait_aof: bool = True,
         waitaof_timeout_ms: int = 2000,
@@ -201,7 +202,7 @@ class QueueStatus:
         return self.__dict__.copy()
 
 
-def status(connection: redis.Redis, settings: WorkerSettings) -> QueueStatus:
+def status(connection: redis.Redis, settings: FeedbackSettings) -> QueueStatus:
     """Counts of the feedback queue, as `rq info` shows them."""
     queue = make_queue(connection, settings)
     return QueueStatus(
@@ -214,7 +215,7 @@ def status(connection: redis.Redis, settings: WorkerSettings) -> QueueStatus:
     )
 
 
-def retry_failed(connection: redis.Redis, settings: WorkerSettings) -> int:
+def retry_failed(connection: redis.Redis, settings: FeedbackSettings) -> int:
     """Requeue every failed job (the handler is idempotent, so this is always safe); how many."""
     queue = make_queue(connection, settings)
     registry = FailedJobRegistry(queue=queue)

@@ -1,7 +1,7 @@
 """The arena (`/`) and the dashboard (`/dashboard`): static pages served by the gateway itself.
 
-No CDN and no build step: plain HTML, CSS and JavaScript in deploy/web/, charts drawn as SVG by
-deploy/web/charts.js. The pages call the public API with a key the user enters in their settings.
+No CDN and no build step: plain HTML, CSS and JavaScript in deploy/app/web/, charts drawn as SVG by
+deploy/app/web/charts.js. The pages call the public API with a key the user enters in their settings.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import redis
 
-from serving.process import Supervised, free_port, spawn
+from deploy.local.process import Supervised, free_port, spawn
 
 
 def server_binary() -> str:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import uvicorn
 
-from deploy.gateway import build_app
-from deploy.local_secrets import load_or_create, write_private
-from deploy.redis_server import EmbeddedRedis
-from deploy.worker_process import WorkerProcess
-from feedback.migrate import upgrade
-from feedback.settings import FeedbackSettings
-from serving.engine import EngineConfig, EngineProcess
+from deploy.app.gateway import build_app
+from deploy.local.engine import EngineConfig, EngineProcess
+from deploy.local.redis_server import EmbeddedRedis
+from deploy.local.secrets import load_or_create, write_private
+from deploy.local.workers import WorkerProcess
+from deploy.migrations import upgrade
 from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
 
 log = logging.getLogger("pairloop")
@@ -120,7 +119,7 @@ def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = Tru
             update["redis_url"] = stack.redis.url
             write_private(_redis_url_file(data_dir), stack.redis.url)
             stack.notes.append(f"embedded Redis (AOF) in {stack.redis.dir}")
-        store_url = FeedbackSettings(data_dir=data_dir).store_url()
+        store_url = settings.store_url()
         upgrade(store_url)
         stack.notes.append(f"preference store: {_safe_url(store_url)}")
         for i in range(workers):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
+import importlib.util
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from deploy.cli import _env_data_dir, _fail, app
+from deploy.cli.options import env_data_dir, fail
 
 
 class Prefer(enum.StrEnum):
@@ -20,7 +21,10 @@ class Prefer(enum.StrEnum):
     all = "all"
 
 
-@app.command()
+def register(app: typer.Typer) -> None:
+    app.command()(simulate)
+
+
 def simulate(
     prefer: Annotated[
         list[Prefer],
@@ -62,18 +66,24 @@ def simulate(
     """Simulated users vote by a declared preference through the public API; the loop trains, gates, A/B tests
     and swaps as in production. Prints per round the champion's rate of the preferred property and its win rate
     against the base model on held-out prompts; writes results.json/.csv per preference and plot.png."""
-    from deploy.preferences import KINDS, Preference
-    from deploy.simulate import SimConfig, SimulationError, load_results, plot, run_one
+    missing = [name for name in ("tqdm", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(
+            f"`pairloop simulate` needs {' and '.join(missing)}, which a gateway install leaves out: "
+            "pip install 'pairloop[simulate]' (in a checkout: make setup)"
+        )
+    from deploy.simulate.preferences import KINDS, Preference
+    from deploy.simulate.run import SimConfig, SimulationError, load_results, plot, run_one
     from serving.settings import default_data_dir
 
     if not word.isalpha() or len(word) > 32:
         raise typer.BadParameter("--word takes one word of letters (at most 32)")
     kinds = list(KINDS) if Prefer.all in prefer else list(dict.fromkeys(p.value for p in prefer))
-    base = data_dir or _env_data_dir() or default_data_dir()
+    base = data_dir or env_data_dir() or default_data_dir()
     out = out or base / "simulations" / time.strftime("%Y%m%d-%H%M%S")
     model_dir = None
     if not url:
-        from deploy.stack import resolve_model
+        from deploy.local.stack import resolve_model
         from serving.settings import ServingSettings
 
         model_dir, _ = resolve_model(ServingSettings(data_dir=base))
@@ -96,7 +106,7 @@ def simulate(
             )
             run_one(config, out / kind, model_dir=model_dir, url=url, key=api_key)
     except SimulationError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     results = list(load_results(out))
     plot(results, out / "plot.png")
     typer.echo(f"results: {out}/<preference>/results.json and .csv; plot: {out / 'plot.png'}")

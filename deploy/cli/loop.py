@@ -14,59 +14,50 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
 
-from deploy.cli import _explain, _fail, _logging, _redis_url, _worker_settings, app
+from deploy.cli.options import DataDir, fail, redis_url, setup_logging, trainer_settings, worker_settings
 
 if TYPE_CHECKING:
-    from trainer.settings import TrainerSettings
-    from workers.promotion import Loop
+    from trainer.promotion import Promotions
 
 T = TypeVar("T")
 
 adapters_app = typer.Typer(help="Versioned LoRA adapters: list, promote, roll back.", no_args_is_help=True)
-app.add_typer(adapters_app, name="adapters")
-
-DataDir = Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")]
 
 
-def _trainer_settings(data_dir: Path | None) -> TrainerSettings:
-    from trainer.settings import TrainerSettings
-
-    try:
-        return TrainerSettings(data_dir=data_dir) if data_dir else TrainerSettings()
-    except (ValidationError, ValueError) as exc:
-        raise typer.BadParameter(_explain(exc) if isinstance(exc, ValidationError) else str(exc)) from None
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command()(cron)
+    app.add_typer(adapters_app, name="adapters")
 
 
-def _with_loop(data_dir: Path | None, action: Callable[[Loop], Awaitable[T]]) -> T:
+def _with_promotions(data_dir: Path | None, action: Callable[[Promotions], Awaitable[T]]) -> T:
     from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from feedback.store import make_engine
-    from serving.adapters import AdapterError
-    from workers.promotion import remote_loop
+    from serving.errors import AdapterError
+    from trainer.promotion import remote_promotions
 
-    url = _redis_url(_worker_settings(data_dir))
-    engine = make_engine(_trainer_settings(data_dir).store_url())
+    url = redis_url(worker_settings(data_dir))
+    engine = make_engine(trainer_settings(data_dir).store_url())
 
     async def run() -> T:
-        async with remote_loop(url, engine) as loop:
-            return await action(loop)
+        async with remote_promotions(url, engine) as promotions:
+            return await action(promotions)
 
     try:
         return asyncio.run(run())
     except AdapterError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except RedisError as exc:
-        _fail(f"cannot reach Redis: {exc}")
+        fail(f"cannot reach Redis: {exc}")
     except SQLAlchemyError as exc:
-        _fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
+        fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
     finally:
         engine.dispose()
 
 
-@app.command()
 def train(
     now: Annotated[bool, typer.Option("--now", help="Run the round in this process and wait for it.")] = False,
     data_dir: DataDir = None,
@@ -75,31 +66,31 @@ def train(
     import redis
 
     from trainer.errors import RoundBusy
+    from trainer.queue import enqueue_round
     from workers import training
 
-    settings = _trainer_settings(data_dir)
-    url = _redis_url(_worker_settings(data_dir))
+    settings = trainer_settings(data_dir)
+    url = redis_url(worker_settings(data_dir))
     training.configure(url)
     try:
         if now:
-            _logging()
+            setup_logging()
             typer.echo(json.dumps(training.train_round("manual"), default=str))
         else:
-            job = training.enqueue_round(redis.Redis.from_url(url, socket_connect_timeout=5), settings, "manual")
+            job = enqueue_round(redis.Redis.from_url(url, socket_connect_timeout=5), settings, "manual")
             typer.echo(json.dumps({"job": job.id, "queue": settings.training_queue}))
     except RoundBusy as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except redis.RedisError as exc:
-        _fail(f"cannot reach Redis: {exc}")
+        fail(f"cannot reach Redis: {exc}")
 
 
-@app.command()
 def cron(data_dir: DataDir = None) -> None:
     """Run RQ's cron scheduler: every `check_interval_s`, judge the challenger and start a round if due."""
     from workers.training import run_cron
 
-    _logging()
-    run_cron(_redis_url(_worker_settings(data_dir)), _trainer_settings(data_dir))
+    setup_logging()
+    run_cron(redis_url(worker_settings(data_dir)), trainer_settings(data_dir))
 
 
 def _age(seconds: int) -> str:
@@ -115,13 +106,13 @@ def adapters_list(
 
     from trainer import registry
 
-    async def collect(loop: Loop) -> dict[str, Any]:
-        routing = await loop.routing()
-        with Session(loop.store) as session:
+    async def collect(promotions: Promotions) -> dict[str, Any]:
+        routing = await promotions.routing()
+        with Session(promotions.store) as session:
             items = [a.as_dict() for a in registry.listing(session)]
         return {"champion": routing.champion, "challenger": routing.challenger, "adapters": items}
 
-    out = _with_loop(data_dir, collect)
+    out = _with_promotions(data_dir, collect)
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -137,7 +128,7 @@ def adapters_promote(
     name: Annotated[str, typer.Argument(help="Adapter name, e.g. pl-v0003-1a2b3c4d.")], data_dir: DataDir = None
 ) -> None:
     """Load NAME into every vLLM backend, probe it, then make it the champion."""
-    result = _with_loop(data_dir, lambda loop: loop.promote(name))
+    result = _with_promotions(data_dir, lambda p: p.promote(name))
     typer.echo(
         json.dumps(
             {"champion": result.after.champion, "previous": result.before.champion, "load_s": round(result.load_s, 3)}
@@ -148,7 +139,7 @@ def adapters_promote(
 @adapters_app.command("rollback")
 def adapters_rollback(data_dir: DataDir = None) -> None:
     """Put the previous champion back (it is usually still loaded: well under a second)."""
-    result = _with_loop(data_dir, lambda loop: loop.rollback())
+    result = _with_promotions(data_dir, lambda p: p.rollback())
     typer.echo(
         json.dumps(
             {

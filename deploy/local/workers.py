@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.process import Supervised, spawn
+from deploy.local.process import Supervised, spawn
 
 
 class WorkerProcess:

@@ -1,4 +1,9 @@
-"""Bring the preference store's schema to the newest Alembic revision (`pairloop db upgrade`)."""
+"""The store's schema: Alembic migrations of every table (feedback's and the trainer's registry), and the
+calls that apply them (`pairloop db upgrade`, `pairloop up`, `pairloop worker` at start).
+
+They live in deploy because the store holds tables of two packages (feedback/store.py, trainer/registry.py)
+and only deploy may import both; `metadata()` is every table, what autogenerate compares against.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,18 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData
 
-from feedback.store import make_engine
+from feedback.store import Base, make_engine
 
-MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATIONS = Path(__file__).parent
+
+
+def metadata() -> MetaData:
+    """Every table of the store: feedback's and the adapter registry's (importing it adds its tables)."""
+    import trainer.registry  # noqa: F401
+
+    return Base.metadata
 
 
 def alembic_config(url: str) -> Config:

@@ -1,0 +1,32 @@
+"""The `pairloop` command: each sub-module registers its commands here, explicitly.
+
+service.py   up, worker, model build-tiny      the processes of a deployment
+data.py      queue, db, export                 the feedback queue and the preference store
+loop.py      train, cron, adapters             the learning loop
+simulate.py  simulate                          simulated users that prove the loop learns
+"""
+
+from __future__ import annotations
+
+import typer
+
+from deploy import settings
+from deploy.cli import data, loop, service, simulate
+
+
+def _check_environment() -> None:
+    """Before any command: name the `PAIRLOOP_*` variables no part reads (a typo keeps a default in force)."""
+    for line in settings.warnings():
+        typer.echo(line, err=True)
+
+
+app = typer.Typer(
+    help="pairloop: two answers per chat request, preferences in, better adapters out.",
+    no_args_is_help=True,
+    add_completion=False,
+    callback=_check_environment,
+)
+for module in (service, data, loop, simulate):
+    module.register(app)
+
+__all__ = ["app"]

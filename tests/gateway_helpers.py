@@ -1,0 +1,83 @@
+"""What the gateway tests share: the test API keys and secret, a real uvicorn server in a thread, and the
+settings a test gateway runs with (rate limits off, the test keys, the session's Redis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from deploy.local.process import free_port
+from feedback.settings import FeedbackSettings
+from serving.ratelimit import RateLimit
+from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "pairloop-tiny"
+SECRET = "test-secret-" + "x" * 32
+
+KEYS = {
+    "full": ApiKey(id="full", key="sk-full-0123456789abcdef", scopes=list(ALL_SCOPES)),
+    "chat": ApiKey(id="chatonly", key="sk-chat-0123456789abcdef", scopes=["chat"]),
+    "feedback": ApiKey(id="fbonly", key="sk-feedback-0123456789ab", scopes=["feedback"]),
+}
+
+
+class ServerThread:
+    """A real uvicorn server in a thread of the test process."""
+
+    def __init__(self, app: object) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")  # type: ignore[arg-type]
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+GatewayFactory = Callable[..., ServerThread]
+
+
+NO_LIMIT = RateLimit(per_s=0, burst=1)
+
+
+def settings_for(redis_url: str, vllm_urls: list[str], tmp: Path, **overrides: object) -> ServingSettings:
+    values: dict[str, object] = {
+        "chat_limit_per_key": NO_LIMIT,
+        "chat_limit_per_user": NO_LIMIT,
+        "feedback_limit_per_key": NO_LIMIT,
+        "feedback_limit_per_user": NO_LIMIT,
+        "redis_url": redis_url,
+        "secret": SECRET,
+        "vllm_urls": vllm_urls,
+        "data_dir": tmp,
+        "api_keys": list(KEYS.values()),
+        "served_model_name": MODEL_NAME,
+        "health_interval_s": 0.5,
+        "retry_after_s": 3,
+        **overrides,
+    }
+    return ServingSettings(**values)  # type: ignore[arg-type]
+
+
+def feedback_settings(tmp: Path, store_url: str | None = None, **overrides: object) -> FeedbackSettings:
+    values: dict[str, object] = {"data_dir": tmp, "database_url": store_url, "feedback_durability": "none"}
+    return FeedbackSettings(**{**values, **overrides})  # type: ignore[arg-type]
