@@ -52,7 +52,8 @@ def verify(secret: bytes, token: str, *, completion_id: str, key_id: str, now: f
         version, payload, signature = token.split(".")
     except ValueError:
         raise TokenError("malformed feedback token") from None
-    if version != _VERSION or not hmac.compare_digest(signature, _sign(secret, payload)):
+    # compare_digest on bytes: on str it raises TypeError for non-ASCII text (a 500 instead of a 403).
+    if version != _VERSION or not hmac.compare_digest(signature.encode(), _sign(secret, payload).encode()):
         raise TokenError("feedback token signature does not verify")
     try:
         data = json.loads(_unb64(payload))
