@@ -1,6 +1,6 @@
 """The preference store: served completions that received feedback, and the feedback events on them.
 
-SQLAlchemy 2 models; the schema is made by the Alembic migrations in `feedback/migrations`. SQLite in the
+SQLAlchemy 2 models; the schema is made by the Alembic migrations in `deploy/migrations`. SQLite in the
 data dir is the embedded default, PostgreSQL is chosen by URL. Writes are idempotent: an event that is
 stored twice (a worker killed between its commit and RQ's acknowledgement) is stored once.
 """

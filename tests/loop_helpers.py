@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,19 @@ def clear_routing(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.delete(ROUTING_KEY, BACKENDS_KEY)
     client.close()
+
+
+def wait_for_backends(redis_url: str, timeout_s: float = 30.0) -> None:
+    """Until a gateway has listed its vLLM backends in Redis (it does once a second): swaps made outside the
+    gateway (the training worker, the CLI) go through them."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not client.zrangebyscore(BACKENDS_KEY, time.time() - 15, "+inf"):
+            assert time.monotonic() < deadline, "no gateway registered its vLLM backends"
+            time.sleep(0.1)
+    finally:
+        client.close()
 
 
 def admin(base: str, method: str, path: str, **kw: Any) -> httpx.Response:

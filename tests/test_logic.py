@@ -4,18 +4,22 @@ and the check for misspelled settings."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
 
+from deploy import cli
 from deploy import settings as deploy_settings
 from feedback.errors import FeedbackConflict, InvalidFeedback, TokenRejected
 from feedback.schema import PairwiseFeedback, RatingFeedback, claim_value, fingerprint
@@ -302,3 +306,20 @@ def test_a_misspelled_setting_is_named_with_the_closest_known_one() -> None:
     lines = deploy_settings.warnings(env)
     assert "PAIRLOOP_AB_MIN_VOTE is not a pairloop setting" in lines[0] and "PAIRLOOP_AB_MIN_VOTES?" in lines[0]
     assert "PAIRLOOP_DATA_DIR" in deploy_settings.known_variables()
+
+
+def test_every_command_warns_about_a_misspelled_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAIRLOOP_MAX_USER_SHAR", "0.5")
+    result = CliRunner().invoke(cli.app, ["db", "upgrade", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "PAIRLOOP_MAX_USER_SHAR is not a pairloop setting and is ignored; did you mean PAIRLOOP_MAX_USER_SHARE?" in (
+        result.stderr
+    )
+
+
+def test_simulate_without_its_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    result = CliRunner().invoke(cli.app, ["simulate", "--url", "http://127.0.0.1:9", "--api-key", "k"])
+    assert result.exit_code == 1
+    assert "needs matplotlib" in result.stderr and "pip install 'pairloop[simulate]'" in result.stderr

@@ -15,7 +15,7 @@ from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
 from tests.gateway_helpers import MODEL_NAME, GatewayFactory
-from tests.loop_helpers import admin, clear_routing, make_adapter, statuses
+from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends
 from trainer.errors import RoundBusy
 from trainer.queue import LOCK_KEY
 from trainer.settings import TrainerSettings
@@ -80,7 +80,7 @@ def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
     gw = make_gateway([engine.url], feedback={"database_url": loop_env})
     assert collect_votes(gw.url, 40) == 40
     drain(redis_url, loop_env)
-    time.sleep(1.5)  # the gateway lists its vLLM backend in Redis once a second; the worker swaps through it
+    wait_for_backends(redis_url)  # the worker swaps through the backends the gateway lists
 
     result = training.train_round("manual")
 
@@ -160,10 +160,11 @@ def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
     tiny_model: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
 ) -> None:
     gw = make_gateway([engine.url], feedback={"database_url": loop_env})
     name = make_adapter(tiny_model, loop_env, tmp_path, 1, seed=5)
-    time.sleep(1.5)  # the gateway lists its vLLM backend in Redis once a second
+    wait_for_backends(redis_url)
     monkeypatch.setenv("PAIRLOOP_AB_FRACTION", "1.0")
     assert training._advance(TrainerSettings(), name) == ("challenger", None)
     assert statuses(loop_env) == {name: "challenger"}

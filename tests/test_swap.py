@@ -108,7 +108,7 @@ def test_promotion_under_16_streams_fails_nothing_then_rollback(
     assert in_flight >= 16, f"only {in_flight} streams were still running when the promotion started"
     adapters = [check_stream(r) for r in results]  # 0 failed, 0 truncated
     assert all(a == [v1, v1] for a in adapters), "a stream changed adapter mid-flight"
-    assert swap_to_served_s < 5.0  # measured in bench/swap.py; this only guards against a hang
+    assert swap_to_served_s < 60.0  # measured in bench/swap.py; this only guards against a hang
 
     # v1 drained: unloaded from vLLM; the registry says who is who
     deadline = time.monotonic() + 10

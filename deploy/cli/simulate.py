@@ -1,4 +1,4 @@
-"""`pairloop simulate`: proof that the loop learns what its users prefer (see deploy/simulate.py)."""
+"""`pairloop simulate`: proof that the loop learns what its users prefer (see deploy/simulate/run.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The vLLM OpenAI-compatible server as a supervised child process on a private loopback port.
 
 The child runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of the CPU
-build looks up the wrong distribution, see STACK.md) with runtime LoRA loading and prefix caching on.
+build looks up the wrong distribution, see docs/STACK.md) with runtime LoRA loading and prefix caching on.
 It listens on 127.0.0.1 only: vLLM's own `--api-key` guards only `/v1/*`, and its adapter endpoints
 let any caller change what is served, so nothing but the gateway may reach it. If it dies, a watcher
 thread starts it again with exponential backoff; the gateway's health probes notice the gap and
