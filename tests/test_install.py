@@ -1,12 +1,20 @@
-"""The installed environment: the CPU engine must not bring PyPI's CUDA vision/audio packages along."""
+"""The installed environment: the CPU engine must not bring PyPI's CUDA vision/audio packages along, and every
+package the code imports is declared in pyproject.toml (in the extra that needs it)."""
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("serving", "feedback", "workers", "trainer", "deploy")
 
 
 def test_transformers_llama_imports() -> None:
@@ -24,3 +32,32 @@ def test_no_cuda_media_packages_beside_the_cpu_torch(dist: str) -> None:
         pytest.skip("GPU engine installed")
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.distribution(dist)
+
+
+def imported_distributions(folders: tuple[str, ...]) -> dict[str, set[str]]:
+    """Installed distribution -> the folders whose modules import it (stdlib and the project's own left out)."""
+    by_module = importlib.metadata.packages_distributions()
+    out: dict[str, set[str]] = {}
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in {*PACKAGES, "tests", "bench", "__future__"}:
+                        continue
+                    for dist in by_module.get(top, [top]):
+                        out.setdefault(dist.lower().replace("_", "-"), set()).add(folder)
+    return out
+
+
+def test_every_import_is_declared() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for reqs in project["optional-dependencies"].values() for r in reqs]
+    declared = {re.split(r"[=<>\[ ;]", r)[0].lower().replace("_", "-") for r in requirements}
+    missing = {
+        d: sorted(f) for d, f in imported_distributions((*PACKAGES, "tests", "bench")).items() if d not in declared
+    }
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"

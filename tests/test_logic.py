@@ -31,7 +31,7 @@ from serving.errors import AdapterError, InvalidRequest, ModelNotFound, install_
 from serving.follower import AdapterRouter
 from serving.protocol import ChatCompletionRequest, CompletionRecord, SamplingParams, ServedChoice
 from serving.routing import HISTORY_LIMIT, Routing, challenging, promoting, rolling_back, unchallenged
-from serving.settings import ServingSettings
+from serving.settings import PairloopSettings, ServingSettings
 from trainer.ab import decide
 from trainer.data import _cap, held_out
 from trainer.round import Scores, gate
@@ -323,3 +323,10 @@ def test_simulate_without_its_extra_says_how_to_install_it(monkeypatch: pytest.M
     result = CliRunner().invoke(cli.app, ["simulate", "--url", "http://127.0.0.1:9", "--api-key", "k"])
     assert result.exit_code == 1
     assert "needs matplotlib" in result.stderr and "pip install 'pairloop[simulate]'" in result.stderr
+
+
+def test_every_setting_is_declared_once_on_one_base() -> None:
+    declared = Counter(name for cls in deploy_settings.SETTINGS for name in cls.__annotations__)
+    declared.update(PairloopSettings.__annotations__.keys())
+    assert [name for name, n in declared.items() if n > 1] == []
+    assert all(issubclass(cls, PairloopSettings) for cls in deploy_settings.SETTINGS)

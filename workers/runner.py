@@ -153,8 +153,7 @@ def make_worker(
     connection: redis.Redis, settings: WorkerSettings, name: str | None = None, queues: list[Queue] | None = None
 ) -> FeedbackWorker:
     """A worker on the feedback queue (default), or on `queues`."""
-    FeedbackWorker.abandoned_after_s = settings.job_abandoned_after_s
-    return FeedbackWorker(
+    worker = FeedbackWorker(
         queues or [make_queue(connection, settings)],
         connection=connection,
         name=name,
@@ -164,6 +163,8 @@ def make_worker(
         worker_ttl=settings.maintenance_interval_s + 15,
         maintenance_interval=settings.maintenance_interval_s,
     )
+    worker.abandoned_after_s = settings.job_abandoned_after_s  # this worker's, not the class's
+    return worker
 
 
 def run(

@@ -75,8 +75,8 @@ def worker(
     training: Annotated[bool, typer.Option(help="Run training rounds instead of storing feedback.")] = False,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
 ) -> None:
-    """Run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL, PAIRLOOP_DATABASE_URL);
-    with --training, one that runs the learning loop's periodic checks and training rounds."""
+    """Migrate the store, then run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL,
+    PAIRLOOP_DATABASE_URL); with --training, one that runs the learning loop's periodic checks and training rounds."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from deploy.migrations import upgrade
