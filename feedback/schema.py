@@ -12,11 +12,23 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
-from serving.protocol import CompletionRecord
+from serving.protocol import CompletionRecord, Printable
 
 _ID = r"^[A-Za-z0-9_.:-]+$"
+
+
+def _exact_preference(value: object) -> object:
+    """`0`, `1`, `"tie"` or `"both_bad"` as written: pydantic's lax mode would take `true` as 1, `0.0` as 0."""
+    if type(value) is int or value in ("tie", "both_bad"):
+        return value
+    raise ValueError('must be exactly 0, 1, "tie" or "both_bad" (no booleans, floats or numeric strings)')
+
+
+Text = Printable
+Choice = Annotated[int, Strict(), Field(ge=0, le=1)]
+"""A choice index, exactly 0 or 1: `true`, `1.0` and `"1"` are refused."""
 
 
 class _Base(BaseModel):
@@ -25,27 +37,33 @@ class _Base(BaseModel):
     completion_id: str = Field(min_length=1, max_length=128, pattern=_ID, description="The `id` of the completion.")
     feedback_token: str = Field(min_length=1, max_length=1024, description="`pairloop.feedback_token` of it.")
     feedback_id: uuid.UUID | None = Field(None, description="Client-made UUID; a retry with it is answered the same.")
-    user: str | None = Field(
-        None, min_length=1, max_length=256, description="Who judged; default: the completion's `user`."
+    user: Text | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Who judged: the completion's `user` (naming it again is allowed, another one is refused); "
+        "a completion served without `user` is judged by the API key, and naming a user is refused.",
     )
-    comment: str | None = Field(None, max_length=20_000, description="Free text, kept with the event.")
+    comment: Text | None = Field(None, max_length=20_000, description="Free text, kept with the event.")
 
 
 class PairwiseFeedback(_Base):
     kind: Literal["pairwise"]
-    preference: Literal[0, 1, "tie", "both_bad"] = Field(description="The better choice's index, `tie`, or `both_bad`.")
+    preference: Annotated[Literal[0, 1, "tie", "both_bad"], BeforeValidator(_exact_preference)] = Field(
+        description="The better choice's index, `tie`, or `both_bad`."
+    )
 
 
 class RatingFeedback(_Base):
     kind: Literal["rating"]
-    choice: int = Field(ge=0, description="Index of the rated choice.")
+    choice: Choice = Field(description="Index of the rated choice.")
     rating: Literal["up", "down"]
 
 
 class EditFeedback(_Base):
     kind: Literal["edit"]
-    choice: int = Field(ge=0, description="Index of the choice the edit corrects.")
-    text: str = Field(min_length=1, max_length=100_000, description="The corrected answer, written by the user.")
+    choice: Choice = Field(description="Index of the choice the edit corrects.")
+    text: Text = Field(min_length=1, max_length=100_000, description="The corrected answer, written by the user.")
 
 
 FeedbackRequest = Annotated[PairwiseFeedback | RatingFeedback | EditFeedback, Field(discriminator="kind")]

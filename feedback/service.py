@@ -185,9 +185,17 @@ class FeedbackService:
 
     @staticmethod
     def _judge(request: AnyFeedback, record: CompletionRecord) -> str:
-        if request.user and record.user and request.user != record.user:
+        """The judging user: the completion's. One served without `user` is judged by the API key alone (""):
+        a name given only in the feedback would make every invented name a new judge, each with its own vote."""
+        if request.user and not record.user:
+            raise TokenRejected(
+                "This completion was served without a `user`, so its judge is the API key: send feedback on it "
+                "without `user` (or name the user in the chat request).",
+                param="user",
+            )
+        if request.user and request.user != record.user:
             raise TokenRejected("This completion was served to another user.", param="user")
-        return request.user or record.user or ""
+        return record.user or ""
 
     @staticmethod
     def _check_choice(request: AnyFeedback, record: CompletionRecord) -> None:

@@ -42,6 +42,10 @@ from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
+GREEDY_BELOW = 1e-5
+"""vLLM 0.32 samples greedily below this temperature (`_SAMPLING_EPS`, vllm/sampling_params.py). A top_p this
+small keeps the most likely token alone (top-p keeps at least one), which is greedy too."""
+
 EXTENSION = "pairloop"
 """Name of the extension object in responses and in the stream's last chunk (the OpenAI SDK keeps it)."""
 
@@ -139,10 +143,17 @@ class ChatService:
         if n > 2:
             raise InvalidRequest(f"n={n} is not supported: pairloop serves 1 or 2 choices per request.", param="n")
         temperature = 1.0 if req.temperature is None else req.temperature
-        if n > 1 and temperature == 0:
+        if n > 1 and temperature < GREEDY_BELOW:
             raise InvalidRequest(
-                "temperature 0 makes both choices of a pair identical; use temperature > 0, or n: 1.",
+                f"temperature {temperature:g} samples greedily (vLLM does below {GREEDY_BELOW:g}): both choices of a "
+                "pair would be identical; use a higher temperature, or n: 1.",
                 param="temperature",
+            )
+        if n > 1 and req.top_p is not None and req.top_p < GREEDY_BELOW:
+            raise InvalidRequest(
+                f"top_p {req.top_p:g} keeps only the most likely token: both choices of a pair would be identical; "
+                "use a higher top_p, or n: 1.",
+                param="top_p",
             )
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise InvalidRequest("Give max_tokens or max_completion_tokens, not both.", param="max_tokens")

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 32_000
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """No control characters but tab and newline. NUL cannot be stored by PostgreSQL (an event acknowledged
+    and never stored); the others only hide text from whoever reads it."""
+    if (found := _CONTROL.search(text)) is not None:
+        raise ValueError(f"control character {found.group()!r} is not allowed (tab and newline are)")
+    return text
+
+
+Printable = Annotated[str, AfterValidator(printable)]
+"""A client string that is stored and shown: names, users, comments, edits."""
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
@@ -24,7 +38,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(max_length=MAX_CONTENT_CHARS)
-    name: str | None = Field(None, max_length=64)
+    name: Printable | None = Field(None, max_length=64)
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -56,7 +70,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: Printable | None = Field(None, max_length=256)
 
 
 class SamplingParams(BaseModel):

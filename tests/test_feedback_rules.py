@@ -45,6 +45,7 @@ def test_every_refusal_has_its_status_and_stores_nothing(
     pair = chat_pair(gw.url, user="alice")
     single = chat(gw.url, n=1)
     other_key = chat(gw.url, key="chat")  # served to another API key
+    anonymous = chat_pair(gw.url)  # served without `user`: its judge is the API key
     good = vote(pair)
     now = int(time.time())
 
@@ -80,6 +81,18 @@ def test_every_refusal_has_its_status_and_stores_nothing(
         ("another key's completion", vote(other_key), "full", 403, "feedback_token"),
         ("key without the feedback scope", vote(other_key), "chat", 403, None),
         ("another user", {**good, "user": "mallory"}, "full", 403, "user"),
+        ("a user on a completion served without one", vote(anonymous, user="sock-puppet-1"), "full", 403, "user"),
+        ("preference true", {**good, "preference": True}, "full", 422, "preference"),
+        ("preference false", {**good, "preference": False}, "full", 422, "preference"),
+        ("preference 0.0", {**good, "preference": 0.0}, "full", 422, "preference"),
+        ("preference '1'", {**good, "preference": "1"}, "full", 422, "preference"),
+        ("choice '1'", vote(pair, "rating", choice="1", rating="up"), "full", 422, "choice"),
+        ("choice true", vote(pair, "rating", choice=True, rating="up"), "full", 422, "choice"),
+        ("choice 1.0", vote(pair, "rating", choice=1.0, rating="up"), "full", 422, "choice"),
+        ("NUL in a comment", {**good, "comment": "ok\x00"}, "full", 422, "comment"),
+        ("escape in the user", {**good, "user": "alice\x1b[2J"}, "full", 422, "user"),
+        ("non-ASCII token signature", {**good, "feedback_token": "v1.e30.\u00e9\u00e9"}, "full", 403, "feedback_token"),
+        ("token of three dots", {**good, "feedback_token": "..."}, "full", 403, "feedback_token"),
         ("choice out of range", vote(pair, "rating", choice=2, rating="up"), "full", 422, "choice"),
         ("pairwise on a single choice", vote(single), "full", 422, "kind"),
         ("unknown field", {**good, "text": "I wrote this"}, "full", 422, "text"),

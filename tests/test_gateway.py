@@ -181,6 +181,9 @@ def post(gateway: str, content: bytes | str, key: str = "full", **headers: str) 
         (b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}', 422, "n"),
         (b'{"messages": []}', 422, "messages"),
         (b"[1, 2]", 422, "body"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "user": "a\\u0000b"}', 422, "user"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-9}', 400, "temperature"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e-9}', 400, "top_p"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(gateway: str, rdb: redis.Redis, body: bytes, status: int, names: str) -> None:

@@ -138,6 +138,8 @@ def test_request_planning() -> None:
     refused = [
         (request(n=3), "n"),
         (request(temperature=0), "temperature"),
+        (request(temperature=1e-9), "temperature"),
+        (request(top_p=1e-9), "top_p"),
         (request(max_tokens=101), "max_tokens"),
         (request(max_tokens=5, max_completion_tokens=5), "max_tokens"),
     ]
@@ -146,6 +148,7 @@ def test_request_planning() -> None:
             service.plan(req)
         assert caught.value.param == param and caught.value.status_code == 400
     assert service.plan(request(n=1, temperature=0)).sampling.temperature == 0
+    assert service.plan(request(temperature=1e-5, top_p=1e-5)).sampling.temperature == 1e-5
     assert chat_service(responses_per_request=1).plan(request()).adapters == ["base-model"]
 
 
@@ -199,15 +202,19 @@ def test_a_taken_claim_is_a_retry_or_a_conflict() -> None:
 
 def test_who_judges_and_which_choice() -> None:
     assert FeedbackService._judge(pairwise(), completion("alice")) == "alice"
-    assert FeedbackService._judge(pairwise(user="bob"), completion(None)) == "bob"
-    assert FeedbackService._judge(pairwise(), completion(None)) == ""
+    assert FeedbackService._judge(pairwise(user="alice"), completion("alice")) == "alice"
+    assert FeedbackService._judge(pairwise(), completion(None)) == "", "served without user: the key judges"
+    with pytest.raises(TokenRejected, match="served without a `user`") as caught:
+        FeedbackService._judge(pairwise(user="bob"), completion(None))  # an invented name is not a new judge
+    assert caught.value.param == "user"
     with pytest.raises(TokenRejected, match="another user"):
         FeedbackService._judge(pairwise(user="mallory"), completion("alice"))
     with pytest.raises(InvalidFeedback, match="one choice"):
         FeedbackService._check_choice(pairwise(), completion(choices=1))
-    rating = RatingFeedback(kind="rating", completion_id="chatcmpl-1", feedback_token="t", choice=2, rating="up")
+    rating = RatingFeedback(kind="rating", completion_id="chatcmpl-1", feedback_token="t", choice=1, rating="up")
+    FeedbackService._check_choice(rating, completion())
     with pytest.raises(InvalidFeedback, match="out of range") as caught:
-        FeedbackService._check_choice(rating, completion())
+        FeedbackService._check_choice(rating, completion(choices=1))
     assert caught.value.param == "choice"
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from deploy.migrations import alembic_config, current, head, metadata
 from feedback.export import Format, dpo_rows, export, kto_rows, write
 from feedback.schema import FeedbackEvent
-from feedback.store import save_event
+from feedback.store import Completion, Feedback, save_event
 from tests.store_helpers import event, record
 from workers.jobs import configure, store_feedback
 
@@ -153,6 +153,35 @@ def test_single_choice_completions_store_and_rate(store_url: str) -> None:
     save(store_url, event(single, "rating", choice=0, rating="up"))
     got, _ = rows(store_url, "kto")
     assert [(r["completion"][0]["content"], r["label"]) for r in got] == [("Answer A.", True)]
+
+
+ACCEPTED_TEXT = (
+    "tab\there, new\nline, \u00e9\u00e8 \u4e2d\u6587 \u05e2\u05d1\u05e8\u05d9\u05ea \U0001f600 \u200d \ufeff "
+    "'quotes' \"\\\""
+)
+
+
+def test_every_accepted_kind_of_text_is_stored(store_url: str) -> None:
+    """What the API accepts (printable text: any Unicode, tab, newline; no other control character) the store
+    keeps exactly, PostgreSQL included (which cannot store NUL: the API refuses it)."""
+    from feedback.schema import PairwiseFeedback
+
+    accepted = PairwiseFeedback(
+        kind="pairwise", completion_id="c", feedback_token="t", preference=0, comment=ACCEPTED_TEXT, user="\u00e9"
+    )
+    c = record(a=ACCEPTED_TEXT, b=ACCEPTED_TEXT[::-1])
+    e = event(c, judge=accepted.user or "", preference="0", comment=accepted.comment)
+    edit = event(c, "edit", choice=1, edit_text=ACCEPTED_TEXT * 3)
+    assert save(store_url, e, edit) == [True, True]
+    engine = create_engine(store_url)
+    with Session(engine) as session:
+        stored = session.get(Feedback, e.feedback_id)
+        assert stored is not None and stored.comment == ACCEPTED_TEXT and stored.judge_user == "\u00e9"
+        edited = session.get(Feedback, edit.feedback_id)
+        assert edited is not None and edited.edit_text == ACCEPTED_TEXT * 3
+        completion = session.get(Completion, c.id)
+        assert completion is not None and completion.text_a == ACCEPTED_TEXT
+    engine.dispose()
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
