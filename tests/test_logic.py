@@ -235,13 +235,49 @@ def test_the_gate() -> None:
 
 
 def test_the_ab_rule() -> None:
-    assert decide(25, 5, min_votes=30, confidence=0.95).decision == "promote"
-    assert decide(20, 4, min_votes=30, confidence=0.95).decision == "wait", "a clear lead short of the minimum"
-    assert decide(3, 20, min_votes=30, confidence=0.95).decision == "retire"
-    assert decide(150, 150, min_votes=30, confidence=0.95, max_votes=300).decision == "retire"
-    assert decide(15, 14, min_votes=30, confidence=0.95, max_votes=300).decision == "wait"
-    result = decide(25, 5, min_votes=30, confidence=0.95)
-    assert result.lower > 0.5 and "25-5" in result.reason
+    assert decide(25, 5, min_votes=30, alpha=0.05).decision == "promote"
+    assert decide(20, 4, min_votes=30, alpha=0.05).decision == "wait", "a clear lead short of the minimum"
+    assert decide(3, 20, min_votes=30, alpha=0.05).decision == "retire"
+    assert decide(150, 150, min_votes=30, alpha=0.05, max_votes=300).decision == "retire"
+    assert decide(15, 14, min_votes=30, alpha=0.05, max_votes=300).decision == "wait"
+    assert decide(0, 0, min_votes=0, alpha=0.05).evidence == pytest.approx(1.0), "no votes, no evidence"
+    result = decide(25, 5, min_votes=30, alpha=0.05)
+    assert result.evidence >= result.threshold == pytest.approx(20) and "25-5" in result.reason
+    # the mixture likelihood ratio against a direct numerical integral of its definition
+    wins, losses = 17, 5
+    steps = 200_000
+    integral = sum(
+        2 * ((0.5 + (i + 0.5) / (2 * steps)) ** wins) * ((0.5 - (i + 0.5) / (2 * steps)) ** losses) / (2 * steps)
+        for i in range(steps)
+    )
+    assert decide(wins, losses, 0, 0.05).evidence == pytest.approx(integral * 2 ** (wins + losses), rel=1e-6)
+
+
+def _trials(p: float, runs: int, seed: int, max_votes: int = 300, min_votes: int = 30) -> Counter[str]:
+    """Seeded trials of the rule as the service calls it, evaluated after every vote."""
+    rng = random.Random(seed)
+    out: Counter[str] = Counter()
+    for _ in range(runs):
+        wins = losses = 0
+        decision = "wait"
+        while decision == "wait":
+            if rng.random() < p:
+                wins += 1
+            else:
+                losses += 1
+            decision = decide(wins, losses, min_votes, 0.05, max_votes).decision
+        out[decision] += 1
+    return out
+
+
+def test_the_ab_rule_holds_its_level_however_often_it_looks() -> None:
+    runs = 2000
+    null = _trials(0.5, runs, seed=1)
+    false_promotions = null["promote"] / runs
+    se = (0.05 * 0.95 / runs) ** 0.5
+    assert false_promotions <= 0.05 + 3 * se, f"{false_promotions:.4f} promoted with no real difference"
+    strong = _trials(0.7, 500, seed=2)
+    assert strong["promote"] / 500 >= 0.95, "a challenger that wins 70% of votes is promoted within 300"
 
 
 def test_the_split_is_stable_and_one_judge_is_capped() -> None:

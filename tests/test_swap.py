@@ -186,17 +186,17 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
     vote_for(gw.url, champion, 6, users=6)
     vote_for(gw.url, tied, 6, users=6)
     drain(redis_url, store)
-    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, alpha=0.05)))
     assert ab is not None and (ab.wins, ab.losses, ab.decision) == (6, 6, "wait")
-    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95, max_votes=12)))
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, alpha=0.05, max_votes=12)))
     assert ab is not None and ab.decision == "retire", "12 votes without a clear win reach max_votes"
 
     asyncio.run(loop_call(lambda loop: loop.challenge(loser, ab_fraction=1.0)))
     wait_served(gw.url, {champion, loser})
     vote_for(gw.url, champion, 12, users=6)
     drain(redis_url, store)
-    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
-    assert ab is not None and (ab.wins, ab.losses, ab.decision) == (0, 12, "retire") and ab.upper < 0.5
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, alpha=0.05)))
+    assert ab is not None and (ab.wins, ab.losses, ab.decision) == (0, 12, "retire") and ab.evidence_worse >= 20
     routing = asyncio.run(loop_call(lambda loop: loop.routing()))
     assert routing.champion == champion and routing.challenger is None
 
@@ -204,14 +204,14 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
     wait_served(gw.url, {champion, winner})
     vote_for(gw.url, winner, 9, users=6)
     drain(redis_url, store)
-    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, alpha=0.05)))
     assert ab is not None and ab.decision == "wait", "9 votes are fewer than ab_min_votes"
-    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.9999, max_votes=100)))
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, alpha=1e-4, max_votes=100)))
     assert ab is not None and ab.decision == "wait", "no clear win yet, and under max_votes"
     vote_for(gw.url, winner, 3, users=6)
     drain(redis_url, store)
-    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, confidence=0.95)))
-    assert ab is not None and (ab.wins, ab.losses, ab.decision) == (12, 0, "promote") and ab.lower > 0.5
+    ab = asyncio.run(loop_call(lambda loop: loop.evaluate_ab(min_votes=10, alpha=0.05)))
+    assert ab is not None and (ab.wins, ab.losses, ab.decision) == (12, 0, "promote") and ab.evidence >= 20
     assert statuses(store) == {champion: "retired", tied: "retired", loser: "retired", winner: "champion"}
     wait_served(gw.url, {winner})
     db.dispose()

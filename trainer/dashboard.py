@@ -1,6 +1,6 @@
 """`GET /admin/dashboard` (scope `admin`): everything the dashboard page draws, in one read.
 
-Adapter versions with their gate figures, the live champion-vs-challenger record with its Wilson interval,
+Adapter versions with their gate figures, the live champion-vs-challenger record with the statistic that decides,
 feedback counts over time, the queues' depth, and the last training rounds with loss and accuracy.
 """
 
@@ -22,7 +22,7 @@ from feedback.store import Feedback
 from serving.routing import load_routing, routing_json
 from trainer import queue as training_queue
 from trainer import registry
-from trainer.ab import ab_votes, wilson
+from trainer.ab import live_record
 from trainer.api import Admin
 from trainer.settings import TrainerSettings
 
@@ -65,14 +65,19 @@ def training_rounds(session: Session, limit: int = 20) -> list[dict[str, Any]]:
     return out
 
 
-def _read_store(store: Engine, challenger: str | None, confidence: float) -> dict[str, Any]:
+def _read_store(store: Engine, challenger: str | None, trainer: TrainerSettings) -> dict[str, Any]:
     now = registry.now()
     with Session(store) as session:
         ab = None
         if challenger:
-            wins, losses = ab_votes(session, challenger)
-            lower, upper = wilson(wins, wins + losses, confidence)
-            ab = {"challenger": challenger, "wins": wins, "losses": losses, "lower": lower, "upper": upper}
+            ab = live_record(
+                session,
+                challenger,
+                min_votes=trainer.ab_min_votes,
+                alpha=trainer.ab_alpha,
+                max_votes=trainer.ab_max_votes,
+                confidence=trainer.ab_confidence,
+            )
         return {
             "adapters": [a.as_dict() for a in registry.listing(session)],
             "ab": ab,
@@ -98,9 +103,7 @@ async def dashboard(request: Request, _: Admin) -> dict[str, Any]:
     state = request.app.state
     trainer: TrainerSettings = state.trainer_settings
     routing = await load_routing(state.redis)
-    data = await asyncio.to_thread(_read_store, state.store, routing.challenger, trainer.ab_confidence)
-    if data["ab"] is not None:
-        data["ab"] |= {"min_votes": trainer.ab_min_votes, "confidence": trainer.ab_confidence}
+    data = await asyncio.to_thread(_read_store, state.store, routing.challenger, trainer)
     data["queues"] = await asyncio.to_thread(_read_queues, state.settings.redis_url, state.feedback_settings, trainer)
     data["routing"] = routing_json(routing)
     return data

@@ -123,7 +123,7 @@ class Promotions:
         await self._record([(result.before.challenger, "retired", reason)])
         return result
 
-    async def evaluate_ab(self, min_votes: int, confidence: float, max_votes: int | None = None) -> AbResult | None:
+    async def evaluate_ab(self, min_votes: int, alpha: float, max_votes: int | None = None) -> AbResult | None:
         """Judge the challenger's live record (`trainer.ab.decide`) and act on it: promote it or retire it.
         None when there is no challenger."""
         routing = await self.routing()
@@ -136,7 +136,7 @@ class Promotions:
                 return ab_votes(session, challenger)
 
         wins, losses = await asyncio.to_thread(count)
-        result = decide(wins, losses, min_votes, confidence, max_votes)
+        result = decide(wins, losses, min_votes, alpha, max_votes)
         if result.decision == "promote":
             await self.promote(challenger, result.reason)
         elif result.decision == "retire":

@@ -1,11 +1,17 @@
 """Training rounds, producer side: the queue the training worker takes them from, and the one-round lock.
 
-One round at a time: a round holds `pairloop:training:lock`, a Redis key whose TTL is `round_timeout_s`, so
-a round that crashed cannot hold it forever. The round itself runs in `workers/training.py`
-(`workers.training.train_round`, the name RQ stores with each job).
+One round at a time: a round holds `pairloop:training:lock` (`RoundLock`), a Redis key with a short TTL that a
+thread of the round renews while it runs. A round whose process was SIGKILLed stops renewing it, so the next
+round can start `LOCK_TTL_S` later, not after the hour a round may take. The round itself runs in
+`workers/training.py` (`workers.training.train_round`, the name RQ stores with each job).
 """
 
 from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from types import TracebackType
 
 import redis
 from rq import Queue
@@ -15,8 +21,54 @@ from rq.serializers import JSONSerializer
 from trainer.errors import RoundBusy
 from trainer.settings import TrainerSettings
 
+log = logging.getLogger(__name__)
+
 LOCK_KEY = "pairloop:training:lock"
+LOCK_TTL_S = 30
+"""How long the lock outlives the last renewal (renewed every third of it)."""
 ROUND_FUNCTION = "workers.training.train_round"
+
+# KEYS: the lock. ARGV: its holder's token, then the new TTL in ms (renew) or nothing (release).
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+class RoundLock:
+    """The one-round lock, held while a thread renews it (`with RoundLock(connection):`).
+
+    `RoundBusy` on entry when another round holds it. Losing it while running (Redis lost the key) is logged:
+    the round goes on, and a second round may then start beside it.
+    """
+
+    def __init__(self, connection: redis.Redis, ttl_s: float = LOCK_TTL_S) -> None:
+        self.connection = connection
+        self.ttl_ms = int(ttl_s * 1000)
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RoundLock:
+        if not self.connection.set(LOCK_KEY, self.token, nx=True, px=self.ttl_ms):
+            raise RoundBusy("another training round holds the lock")
+        self._thread = threading.Thread(target=self._renew, name="round-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                if not self.connection.eval(_RENEW, 1, LOCK_KEY, self.token, self.ttl_ms):
+                    log.error("the training round lost its lock (the key expired or was taken)")
+            except (redis.RedisError, OSError) as exc:
+                log.warning("could not renew the training round lock: %s", exc)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.connection.eval(_RELEASE, 1, LOCK_KEY, self.token)
 
 
 def training_queue(connection: redis.Redis, settings: TrainerSettings) -> Queue:

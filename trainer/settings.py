@@ -98,7 +98,7 @@ class TrainerSettings(PairloopSettings):
     )
     check_interval_s: int = Field(30, ge=1, description="How often the cron job looks for enough new examples.")
     min_new_examples: int = Field(64, ge=1, description="Usable new examples that start a round.")
-    round_timeout_s: int = Field(3600, ge=60, description="Longest round; also the TTL of the round lock.")
+    round_timeout_s: int = Field(3600, ge=60, description="Longest round (RQ stops it then and fails it).")
     replay_fraction: float = Field(
         0.5, ge=0, le=10, description="Older examples replayed per new one (guards against forgetting)."
     )
@@ -120,7 +120,16 @@ class TrainerSettings(PairloopSettings):
         0.5, ge=0, le=1, description="Share of two-choice requests that pit the challenger against the champion."
     )
     ab_min_votes: int = Field(30, ge=1, description="Live votes a challenger needs before it can be promoted.")
-    ab_confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the Wilson interval on its win rate.")
+    ab_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Largest chance of promoting a challenger that is no better, however often the test looks "
+        "(the mixture SPRT's level: promote at evidence >= 1/alpha).",
+    )
+    ab_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Level of the Wilson interval shown beside the record (it does not decide)."
+    )
     ab_max_votes: int = Field(
         300, ge=1, description="Live votes after which a challenger that has not won is retired (no clear difference)."
     )

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 import time
 from datetime import timedelta
 
@@ -23,6 +24,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.utils import now
+from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from feedback.queue import make_queue
@@ -33,19 +35,40 @@ log = logging.getLogger(__name__)
 
 
 class FeedbackWorker(SimpleWorker):
-    """A SimpleWorker whose abandoned jobs are taken back `abandoned_after_s` after their timeout.
+    """A SimpleWorker that keeps a running job's heartbeat fresh, so that the job of a worker that died is taken
+    back `abandoned_after_s` after its last heartbeat, however long the job may run.
 
-    RQ's default waits the job timeout plus 60 s, or 420 s without one.
+    RQ's SimpleWorker runs the job in its own thread and renews nothing meanwhile, so the job's entry in the
+    started registry had to live as long as the job's timeout: a training round (timeout an hour) whose worker was
+    SIGKILLed stayed there for an hour. Here a thread renews it every `HEARTBEAT_S`; RQ's default would wait the
+    job timeout plus 60 s, or 420 s without one.
     """
 
+    HEARTBEAT_S = 5.0
     abandoned_after_s = 10
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return int(job.timeout or 30) + self.abandoned_after_s
+        return int(min(job.timeout or 30, 3 * self.HEARTBEAT_S)) + self.abandoned_after_s
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.forget_dead_executions(job)
-        super().execute_job(job, queue)
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, stop), name="job-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Execution, stop: threading.Event) -> None:
+        while not stop.wait(self.HEARTBEAT_S):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except (redis.RedisError, OSError) as exc:  # Redis away for a moment: the next beat tries again
+                log.warning("heartbeat of job %s failed: %s", job.id, exc)
 
     def forget_dead_executions(self, job: Job) -> int:
         """Drop executions of `job` whose worker died from the job's own execution registry; how many.

@@ -27,14 +27,13 @@ from feedback.store import engine_for
 from serving.errors import AdapterError
 from trainer import registry
 from trainer.data import count_new, select_round
-from trainer.errors import RoundBusy, RoundFailed
+from trainer.errors import RoundFailed
 from trainer.promotion import Promotions, remote_promotions
-from trainer.queue import LOCK_KEY, enqueue_round, round_pending
+from trainer.queue import RoundLock, enqueue_round, round_pending
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 _redis_url: str | None = None
 
@@ -68,7 +67,7 @@ def check() -> dict[str, Any]:
     ab = asyncio.run(
         _with_promotions(
             settings,
-            lambda p: p.evaluate_ab(settings.ab_min_votes, settings.ab_confidence, settings.ab_max_votes),
+            lambda p: p.evaluate_ab(settings.ab_min_votes, settings.ab_alpha, settings.ab_max_votes),
         )
     )
     if ab is not None:
@@ -91,10 +90,20 @@ def check() -> dict[str, Any]:
     return out
 
 
-class JsonCronJob(CronJob):
-    """RQ's CronJob enqueues with the default (pickle) serializer; the workers here read JSON only."""
+CRON_KEY = "pairloop:cron:"
 
-    def enqueue(self, connection: redis.Redis) -> Job:
+
+class JsonCronJob(CronJob):
+    """RQ's CronJob, enqueueing with the JSON serializer (RQ's default is pickle; the workers here read JSON
+    only), once per interval however many `pairloop cron` run: each scheduler keeps its own clock, so two of them
+    would each enqueue every interval. The first to claim the interval (`SET NX`, for 90% of it) enqueues;
+    should it die, another claims the next one."""
+
+    def enqueue(self, connection: redis.Redis) -> Job | None:  # type: ignore[override]
+        interval_ms = int((self.interval or 60) * 1000)
+        if not connection.set(f"{CRON_KEY}{self.queue_name}:{self.func_name}", "1", nx=True, px=interval_ms * 9 // 10):
+            log.debug("cron: %s was enqueued by another scheduler this interval", self.func_name)
+            return None
         queue = Queue(self.queue_name, connection=connection, serializer=JSONSerializer)
         job = queue.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options)
         log.debug("cron: enqueued %s (%s)", self.func_name, job.id)
@@ -121,73 +130,83 @@ def run_cron(redis_url: str, settings: TrainerSettings) -> None:
 
 
 def train_round(trigger: str = "manual") -> dict[str, Any]:
-    """Train one round on what arrived since the last, gate it, and make it challenger or champion."""
-    from trainer.round import run_round  # torch: only in the process that trains
+    """Train one round on what arrived since the last, gate it, and make it challenger or champion.
 
+    A round whose worker dies is run again: the worker's heartbeat stops, RQ's started registry lets go of the
+    job within seconds (`workers/runner.py`), a live training worker requeues it, and the lock it held expires
+    (`trainer.queue.RoundLock`); the rerun marks the interrupted round failed."""
     settings = TrainerSettings()
     connection = _connection()
-    token = uuid.uuid4().hex
-    if not connection.set(LOCK_KEY, token, nx=True, ex=settings.round_timeout_s):
-        connection.close()
-        raise RoundBusy("another training round holds the lock")
-    store = engine_for(settings.store_url())
     try:
-        routing = asyncio.run(_with_promotions(settings, lambda p: p.routing()))
-        with Session(store) as session:
-            # Holding the lock, no other round runs: one still marked running crashed.
-            session.execute(
-                update(registry.TrainingRound)
-                .where(registry.TrainingRound.status == "running")
-                .values(status="failed", error="abandoned (its process died)", finished_at=registry.now())
-            )
-            data = select_round(session, registry.watermark(session), settings)
-            parent = registry.get(session, routing.champion) if routing.champion else None
-            row = registry.TrainingRound(
-                trigger=trigger,
-                status="running",
-                parent=parent.name if parent else None,
-                new_examples=data.new_examples,
-                data_until=data.data_until,
-                decision={},
-                started_at=registry.now(),
-            )
-            session.add(row)
-            version = registry.next_version(session)
-            session.commit()
-            round_id = row.id
-            parent_ref = (parent.name, Path(parent.path)) if parent else None
-        try:
-            result = run_round(data, parent_ref, version, settings)
-        except RoundFailed as exc:
-            _finish(store, round_id, "failed", error=exc.message)
-            log.error("round %d failed: %s", round_id, exc.message)
-            return {"round": round_id, "status": "failed", "error": exc.message}
-        with Session(store) as session:
-            adapter = registry.Adapter(
-                name=result.name,
-                version=version,
-                parent=parent_ref[0] if parent_ref else None,
-                status="candidate" if result.decision.passed else "rejected",
-                path=str(result.path),
-                method=data.method,
-                metrics=result.metrics,
-                round_id=round_id,
-                reason=None if result.decision.passed else "; ".join(result.decision.reasons),
-                created_at=registry.now(),
-                updated_at=registry.now(),
-            )
-            session.add(adapter)
-            session.commit()
-        decision = result.decision.as_dict()
-        if not result.decision.passed:
-            _finish(store, round_id, "rejected", adapter=result.name, decision=decision)
-            return {"round": round_id, "status": "rejected", "adapter": result.name, "gate": decision}
-        status, error = _advance(settings, result.name)
-        _finish(store, round_id, status, adapter=result.name, decision=decision, error=error)
-        return {"round": round_id, "status": status, "adapter": result.name, "gate": decision, "error": error}
+        with RoundLock(connection):
+            return _train(settings, trigger)
     finally:
-        connection.eval(_RELEASE, 1, LOCK_KEY, token)
         connection.close()
+
+
+def _train(settings: TrainerSettings, trigger: str) -> dict[str, Any]:
+    from trainer.round import run_round  # torch: only in the process that trains
+
+    store = engine_for(settings.store_url())
+    routing = asyncio.run(_with_promotions(settings, lambda p: p.routing()))
+    with Session(store) as session:
+        # Holding the lock, no other round runs: one still marked running crashed. Its data was never used, so
+        # it does not move the watermark (data_until): this round offers the same examples again.
+        session.execute(
+            update(registry.TrainingRound)
+            .where(registry.TrainingRound.status == "running")
+            .values(
+                status="failed",
+                error="interrupted: its training worker died mid-round (the round is run again)",
+                data_until=None,
+                finished_at=registry.now(),
+            )
+        )
+        data = select_round(session, registry.watermark(session), settings)
+        parent = registry.get(session, routing.champion) if routing.champion else None
+        row = registry.TrainingRound(
+            trigger=trigger,
+            status="running",
+            parent=parent.name if parent else None,
+            new_examples=data.new_examples,
+            data_until=data.data_until,
+            decision={},
+            started_at=registry.now(),
+        )
+        session.add(row)
+        version = registry.next_version(session)
+        session.commit()
+        round_id = row.id
+        parent_ref = (parent.name, Path(parent.path)) if parent else None
+    try:
+        result = run_round(data, parent_ref, version, settings)
+    except RoundFailed as exc:
+        _finish(store, round_id, "failed", error=exc.message)
+        log.error("round %d failed: %s", round_id, exc.message)
+        return {"round": round_id, "status": "failed", "error": exc.message}
+    with Session(store) as session:
+        adapter = registry.Adapter(
+            name=result.name,
+            version=version,
+            parent=parent_ref[0] if parent_ref else None,
+            status="candidate" if result.decision.passed else "rejected",
+            path=str(result.path),
+            method=data.method,
+            metrics=result.metrics,
+            round_id=round_id,
+            reason=None if result.decision.passed else "; ".join(result.decision.reasons),
+            created_at=registry.now(),
+            updated_at=registry.now(),
+        )
+        session.add(adapter)
+        session.commit()
+    decision = result.decision.as_dict()
+    if not result.decision.passed:
+        _finish(store, round_id, "rejected", adapter=result.name, decision=decision)
+        return {"round": round_id, "status": "rejected", "adapter": result.name, "gate": decision}
+    status, error = _advance(settings, result.name)
+    _finish(store, round_id, status, adapter=result.name, decision=decision, error=error)
+    return {"round": round_id, "status": status, "adapter": result.name, "gate": decision, "error": error}
 
 
 def _advance(settings: TrainerSettings, name: str) -> tuple[str, str | None]:

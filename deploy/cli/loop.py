@@ -101,22 +101,42 @@ def _age(seconds: int) -> str:
 def adapters_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, data_dir: DataDir = None
 ) -> None:
-    """Every adapter version: status (champion, challenger, candidate, rejected, retired), figures, age."""
+    """Every adapter version: status (champion, challenger, candidate, rejected, retired), figures, age; and the
+    challenger's live A/B record with the statistic that decides."""
     from sqlalchemy.orm import Session
 
     from trainer import registry
+    from trainer.ab import live_record
+
+    settings = trainer_settings(data_dir)
 
     async def collect(promotions: Promotions) -> dict[str, Any]:
         routing = await promotions.routing()
         with Session(promotions.store) as session:
             items = [a.as_dict() for a in registry.listing(session)]
-        return {"champion": routing.champion, "challenger": routing.challenger, "adapters": items}
+            ab = None
+            if routing.challenger:
+                ab = live_record(
+                    session,
+                    routing.challenger,
+                    min_votes=settings.ab_min_votes,
+                    alpha=settings.ab_alpha,
+                    max_votes=settings.ab_max_votes,
+                    confidence=settings.ab_confidence,
+                )
+        return {"champion": routing.champion, "challenger": routing.challenger, "ab": ab, "adapters": items}
 
     out = _with_promotions(data_dir, collect)
     if as_json:
         typer.echo(json.dumps(out))
         return
     typer.echo(f"champion: {out['champion'] or '(base model)'}   challenger: {out['challenger'] or '-'}")
+    if (ab := out["ab"]) is not None:
+        typer.echo(
+            f"live A/B: {ab['wins']} wins, {ab['losses']} losses; {ab['statistic']}: {ab['evidence']:.3g} for, "
+            f"{ab['evidence_worse']:.3g} against; promotes at >= {ab['threshold']:.3g} (1/alpha) after "
+            f"{ab['min_votes']} votes, now: {ab['decision']}"
+        )
     for a in out["adapters"]:
         gate = (a["metrics"] or {}).get("gate", {}).get("candidate", {})
         figures = f"acc {gate.get('accuracy', 0):.2f} margin {gate.get('margin', 0):+.3f}" if gate else ""

@@ -42,7 +42,10 @@ function draw(d) {
     const rate = n ? d.ab.wins / n : null;
     $("ab-text").textContent = `${d.ab.challenger}: ${d.ab.wins} wins, ${d.ab.losses} losses` +
       (rate === null ? "" : `, win rate ${fmt(rate, 2)}`) +
-      `; ${Math.round(d.ab.confidence * 100)}% interval [${fmt(d.ab.lower, 2)}, ${fmt(d.ab.upper, 2)}], decides after ${d.ab.min_votes} votes`;
+      `. Decides: ${d.ab.statistic} = ${fmt(d.ab.evidence, 2)} for, ${fmt(d.ab.evidence_worse, 2)} against; ` +
+      `promote at ≥ ${fmt(d.ab.threshold, 0)} (1/alpha, alpha ${d.ab.alpha}) after ${d.ab.min_votes} votes, ` +
+      `retire at ≥ ${fmt(d.ab.threshold, 0)} against or after ${d.ab.max_votes}. ` +
+      `Shown, not deciding: ${Math.round(d.ab.confidence * 100)}% Wilson interval [${fmt(d.ab.lower, 2)}, ${fmt(d.ab.upper, 2)}]`;
     intervalChart($("ab-chart"), rate, d.ab.lower, d.ab.upper);
   } else {
     $("ab-text").textContent = "no challenger";
