@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import time
 import uuid
@@ -34,6 +35,7 @@ from serving.routing import HISTORY_LIMIT, Routing, challenging, promoting, roll
 from serving.settings import PairloopSettings, ServingSettings
 from trainer.ab import decide
 from trainer.data import _cap, held_out
+from trainer.leaderboard import ELO, leaderboard
 from trainer.round import Scores, gate
 from trainer.settings import TrainerSettings
 
@@ -373,3 +375,34 @@ def test_every_setting_is_declared_once_on_one_base() -> None:
     declared.update(PairloopSettings.__annotations__.keys())
     assert [name for name, n in declared.items() if n > 1] == []
     assert all(issubclass(cls, PairloopSettings) for cls in deploy_settings.SETTINGS)
+
+
+def test_the_leaderboard_recovers_known_strengths_whatever_side_they_were_shown_on() -> None:
+    truth = {"base": 0.0, "pl-v0001": 0.6, "pl-v0002": 1.2, "pl-v0003": -0.4}  # natural units
+    h = 0.4  # the first answer is preferred more often than it deserves
+    rng = random.Random(11)
+    names = list(truth)
+    votes: list[tuple[str, str, float]] = []
+    for _ in range(6000):
+        a, b = rng.sample(names, 2)
+        if "pl-v0002" in (a, b) and rng.random() < 0.8:  # the best variant is shown first most of the time
+            a, b = ("pl-v0002", b if a == "pl-v0002" else a)
+        p = 1 / (1 + math.exp(-(truth[a] - truth[b] + h)))
+        votes.append((a, b, 1.0 if rng.random() < p else 0.0))
+    board = leaderboard(votes, base="base", bootstrap=100, seed=3)
+    assert [v["name"] for v in board["variants"]] == ["pl-v0002", "pl-v0001", "base", "pl-v0003"]
+    by_name = {v["name"]: v for v in board["variants"]}
+    for name, strength in truth.items():
+        expected = 1000 + ELO * strength
+        got = by_name[name]
+        assert abs(got["rating"] - expected) < 40, (name, got, expected)
+        assert got["lower"] - 10 <= expected <= got["upper"] + 10, (name, got, expected)
+    assert by_name["base"]["rating"] == 1000
+    assert 0.56 < board["position_effect"] < 0.64  # sigma(0.4) = 0.599
+    assert leaderboard(votes, base="base", bootstrap=100, seed=3) == board, "seeded: the same table again"
+    assert leaderboard([], base="base")["variants"] == []
+    # a tie (or both_bad) is half a win for each side: two variants that only ever tie are equal
+    tied = leaderboard([("x", "y", 0.5), ("y", "x", 0.5)] * 20 + [("x", "z", 1.0)] * 5, bootstrap=20)
+    ratings = {v["name"]: v for v in tied["variants"]}
+    assert abs(ratings["x"]["rating"] - ratings["y"]["rating"]) < 40 and ratings["x"]["ties"] == 40
+    assert ratings["z"]["rank"] == 3 and ratings["z"]["losses"] == 5

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
+from feedback.store import save_event
 from tests.cli_helpers import cli
 from tests.loop_helpers import make_adapter
+from tests.store_helpers import event, record
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +34,25 @@ def test_adapter_and_train_commands(valkey: EmbeddedRedis, tiny_model: Path, tmp
     ]
     r = cli("adapters", "list", **env)
     assert r.returncode == 0 and "(base model)" in r.stdout and name in r.stdout
+
+    r = cli("adapters", "leaderboard", **env)
+    assert r.returncode == 0 and "no pairwise votes" in r.stdout, r.stderr
+    engine = create_engine(store)
+    with Session(engine) as session, session.begin():
+        for i in range(16):  # the adapter wins every vote, shown first or second
+            sides = (name, "pairloop-tiny") if i % 2 else ("pairloop-tiny", name)
+            save_event(session, event(record(adapters=sides), judge=f"j{i}", preference=str(sides.index(name))))
+    engine.dispose()
+    r = cli("adapters", "leaderboard", "--json", "--bootstrap", "20", **env)
+    assert r.returncode == 0, r.stderr
+    board = json.loads(r.stdout)
+    assert [(v["name"], v["kind"], v["wins"]) for v in board["variants"]] == [
+        (name, "adapter", 16),
+        ("pairloop-tiny", "base", 0),
+    ]
+    assert board["variants"][1]["rating"] == 1000 and board["variants"][0]["rating"] > 1000
+    r = cli("adapters", "leaderboard", **env)
+    assert r.returncode == 0 and f"   1  {name}" in r.stdout and "first-position effect" in r.stdout
 
     r = cli("adapters", "rollback", **env)
     assert r.returncode == 1 and "no earlier champion" in r.stderr and "Traceback" not in r.stderr

@@ -214,6 +214,12 @@ def test_challenger_with_a_losing_record_is_retired_and_a_winning_one_promoted(
     assert ab is not None and (ab.wins, ab.losses, ab.decision) == (12, 0, "promote") and ab.evidence >= 20
     assert statuses(store) == {champion: "retired", tied: "retired", loser: "retired", winner: "champion"}
     wait_served(gw.url, {winner})
+
+    # The leaderboard ranks every variant that played on all those votes: winner > champion > loser.
+    board = admin(gw.url, "GET", "/admin/leaderboard", params={"bootstrap": 50}).json()
+    ranked = [v["name"] for v in board["variants"]]
+    assert ranked.index(winner) < ranked.index(champion) < ranked.index(loser), board
+    assert board["votes"] == 36 and {v["kind"] for v in board["variants"]} == {"adapter"}
     db.dispose()
 
 

@@ -91,6 +91,7 @@ def test_prompt_stream_vote_and_the_dashboard_counts_it(
     expect(page.locator("#champion")).to_have_text("base model")
     expect(page.locator("#q-queued")).to_have_text("0")
     assert page.locator("#feedback-chart svg rect").count() == 24
+    expect(page.locator("#leaderboard-text")).to_contain_text("no pairwise votes between two variants")
 
     assert not errors, errors
     outside = [u for u in requests if not u.startswith(gw.url)]

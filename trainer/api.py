@@ -5,6 +5,7 @@
     POST /admin/adapters/rollback        the previous champion back
     POST /admin/train                    queue a training round (409 if one is queued or running)
     GET  /admin/train                    the latest rounds and their gate decisions
+    GET  /admin/leaderboard              every variant that ever served, ranked (Bradley-Terry, bootstrap intervals)
 
 Swaps made here go through this gateway's own backends and take effect in this gateway at once; other
 replicas follow the routing record within their poll interval.
@@ -17,7 +18,7 @@ import re
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from serving.api import require
@@ -25,7 +26,7 @@ from serving.auth import Principal
 from serving.errors import Conflict, InvalidRequest
 from serving.follower import AdapterRouter
 from serving.routing import Routing, SwapResult, routing_json
-from trainer import registry
+from trainer import leaderboard, registry
 from trainer.errors import RoundBusy
 from trainer.promotion import Promotions
 from trainer.queue import enqueue_round
@@ -100,3 +101,16 @@ async def list_rounds(_: Admin, promotions: PromotionsDep) -> dict[str, Any]:
             return [r.as_dict() for r in registry.rounds(session)]
 
     return {"rounds": await asyncio.to_thread(read)}
+
+
+@router.get("/leaderboard")
+async def get_leaderboard(
+    _: Admin, promotions: PromotionsDep, bootstrap: Annotated[int, Query(ge=0, le=2000)] = 200
+) -> dict[str, Any]:
+    """The base model and every adapter that served, ranked on all pairwise votes between two of them."""
+
+    def read() -> dict[str, Any]:
+        with Session(promotions.store) as session:
+            return leaderboard.from_store(session, bootstrap=bootstrap)
+
+    return await asyncio.to_thread(read)

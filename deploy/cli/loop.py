@@ -169,3 +169,40 @@ def adapters_rollback(data_dir: DataDir = None) -> None:
             }
         )
     )
+
+
+@adapters_app.command("leaderboard")
+def adapters_leaderboard(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bootstrap: Annotated[int, typer.Option(min=0, max=2000, help="Bootstrap refits for the intervals.")] = 200,
+    data_dir: DataDir = None,
+) -> None:
+    """Every variant that ever served (the base and each adapter), ranked by a Bradley-Terry fit on all pairwise
+    votes between two of them, with 95% bootstrap intervals (Elo scale, the base at 1000)."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from feedback.store import make_engine
+    from trainer import leaderboard
+
+    engine = make_engine(trainer_settings(data_dir).store_url())
+    try:
+        with Session(engine) as session:
+            board = leaderboard.from_store(session, bootstrap=bootstrap)
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(board))
+        return
+    if not board["variants"]:
+        typer.echo("no pairwise votes between two different variants yet")
+        return
+    typer.echo(f"{board['model']}; {board['scale']}; {board['votes']} votes")
+    typer.echo(f"first-position effect: the answer shown first wins {board['position_effect']:.1%} of even matches")
+    typer.echo(f"{'rank':>4}  {'variant':<24} {'rating':>7}  {'95% interval':<16} {'votes':>6}  wins-losses-ties")
+    for v in board["variants"]:
+        interval = f"[{v['lower']:.0f}, {v['upper']:.0f}]"
+        record = f"{v['wins']:g}-{v['losses']:g}-{v['ties']}"
+        typer.echo(f"{v['rank']:>4}  {v['name']:<24} {v['rating']:>7.0f}  {interval:<16} {v['votes']:>6}  {record}")

@@ -82,9 +82,23 @@ function draw(d) {
     [String(x.new_examples), "num"], [fmt(x.loss), "num"], [fmt(x.accuracy), "num"], [new Date(x.started_at).toLocaleString()]]);
 }
 
+function drawLeaderboard(b) {
+  $("leaderboard-text").textContent = b.variants.length
+    ? `${b.model}; ${b.scale}; ${b.votes} votes, ${b.bootstrap} bootstrap refits; ` +
+      `the answer shown first wins ${fmt(b.position_effect * 100, 1)}% of even matches`
+    : "no pairwise votes between two variants yet";
+  fillTable("leaderboard", b.variants, (v) => [[String(v.rank), "num"], [v.name], [fmt(v.rating, 0), "num"],
+    [`[${fmt(v.lower, 0)}, ${fmt(v.upper, 0)}]`], [String(v.votes), "num"], [String(v.wins), "num"],
+    [String(v.losses), "num"], [String(v.ties), "num"]]);
+}
+
+// The leaderboard refits with bootstrap intervals: every tenth refresh (30 s), not every 3 s.
+let refreshes = 0;
+
 async function refresh() {
   if (!Settings.key) { setStatus($("status"), "enter an API key with the admin scope", "error"); return; }
   try {
+    if (refreshes++ % 10 === 0) drawLeaderboard(await api("GET", "/admin/leaderboard"));
     draw(await api("GET", "/admin/dashboard"));
     setStatus($("status"), "updated " + new Date().toLocaleTimeString(), "ok");
   } catch (err) {
