@@ -196,3 +196,23 @@ def test_export_writes_nothing_half_done(tmp_path: Path, fmt: Format) -> None:
         write([good, {**good, "chosen": object()}], out, fmt)  # the second row cannot be serialized
     assert out.read_text() == "previous"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_live_record_counts_decisive_votes_of_the_challenger_and_names_its_statistic(store_url: str) -> None:
+    from trainer.ab import live_record
+
+    events = []
+    for i in range(24):  # the challenger wins 20 of 24 decisive votes, shown first or second
+        sides = ("champ", "chal") if i % 2 else ("chal", "champ")
+        winner = "chal" if i < 20 else "champ"
+        events.append(event(record(adapters=sides), judge=f"j{i}", preference=str(sides.index(winner))))
+    events += [event(record(adapters=("champ", "chal")), judge=f"t{i}", preference="tie") for i in range(5)]
+    events.append(event(record(adapters=("chal", "chal")), judge="same", preference="0"))  # no opponent
+    save(store_url, *events)
+    engine = create_engine(store_url)
+    with Session(engine) as session:
+        got = live_record(session, "chal", min_votes=20, alpha=0.05, max_votes=300, confidence=0.95)
+    engine.dispose()
+    assert (got["wins"], got["losses"], got["decision"]) == (20, 4, "promote")
+    assert got["statistic"].startswith("mixture SPRT likelihood ratio") and got["threshold"] == 20
+    assert got["evidence"] >= 20 > got["evidence_worse"] and got["lower"] > 0.5
