@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deploy.cli.options import fail, redis_url, worker_settings
+from deploy.cli.options import DataDir, fail, redis_url, worker_settings
 
 queue_app = typer.Typer(help="The feedback queue (RQ): counts and failed jobs.", no_args_is_help=True)
 db_app = typer.Typer(help="The preference store's schema (Alembic).", no_args_is_help=True)
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 @queue_app.command("status")
 def queue_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Queued, started, scheduled (waiting to retry) and failed jobs, and live workers."""
     import json
@@ -45,7 +45,7 @@ def queue_status(
 
 @queue_app.command("retry-failed")
 def queue_retry_failed(
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Requeue every failed job (safe: storing an event twice stores it once)."""
     import redis
@@ -63,7 +63,7 @@ def queue_retry_failed(
 
 @db_app.command("upgrade")
 def db_upgrade(
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Create or migrate the preference store (env PAIRLOOP_DATABASE_URL; default SQLite in the data dir)."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -85,7 +85,7 @@ def export(
     since: Annotated[
         str | None, typer.Option(help="Only feedback received at or after this ISO 8601 time (UTC if no zone).")
     ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Write TRL-ready training data from the preference store, and say what was skipped."""
     import datetime as dt

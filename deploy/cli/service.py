@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from deploy.cli.options import env_data_dir, explain, fail, redis_url, setup_logging, worker_settings
+from deploy.cli.options import DataDir, env_data_dir, explain, fail, redis_url, setup_logging, worker_settings
 
 model_app = typer.Typer(help="The embedded default base model.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 def up(
     port: Annotated[int | None, typer.Option(help="Gateway port (env PAIRLOOP_PORT; default 8000).")] = None,
     host: Annotated[str | None, typer.Option(help="Gateway address (env PAIRLOOP_HOST; default 127.0.0.1).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
     model: Annotated[
         str | None,
         typer.Option(help="HF model id or local path (env PAIRLOOP_MODEL); default: the embedded tiny model."),
@@ -52,7 +52,7 @@ def up(
 def build_tiny(
     out: Annotated[Path | None, typer.Option(help="Output directory; default: the cache in the data dir.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of corpus, weights and batches.")] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a build is cached.")] = False,
 ) -> None:
     """Build the embedded default chat model (tokenizer + small Llama) from a generated corpus, offline."""
@@ -73,7 +73,7 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
     name: Annotated[str | None, typer.Option(help="Worker name in RQ (default: random).")] = None,
     training: Annotated[bool, typer.Option(help="Run training rounds instead of storing feedback.")] = False,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Migrate the store, then run one RQ worker that stores queued feedback events (env PAIRLOOP_REDIS_URL,
     PAIRLOOP_DATABASE_URL); with --training, one that runs the learning loop's periodic checks and training rounds."""

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from deploy.cli.options import env_data_dir, fail
+from deploy.cli.options import DataDir, env_data_dir, fail
 
 
 class Prefer(enum.StrEnum):
@@ -60,7 +60,7 @@ def simulate(
         str | None, typer.Option(help="Drive a running service instead of starting one (it sees other votes too).")
     ] = None,
     api_key: Annotated[str | None, typer.Option(help="With --url: a key with scopes chat, feedback, admin.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env PAIRLOOP_DATA_DIR).")] = None,
+    data_dir: DataDir = None,
     seed: Annotated[int, typer.Option(help="Seed of prompts, users and training.")] = 0,
 ) -> None:
     """Simulated users vote by a declared preference through the public API; the loop trains, gates, A/B tests
