@@ -18,6 +18,13 @@ from tests.gateway_helpers import GatewayFactory
 pytestmark = pytest.mark.slow
 
 
+# Every kind of text the API accepts (any Unicode, tab, newline), through Redis and the worker into SQLite and
+# PostgreSQL unchanged.
+COMMENT = (
+    'the second is kinder:\tmerci, \u00e9t\u00e9\n\u4e2d\u6587 \u05e2\u05d1\u05e8\u05d9\u05ea \U0001f600 "quoted" \\'
+)
+
+
 @pytest.fixture(params=["machine-redis", "embedded-valkey"])
 def queue_redis(request: pytest.FixtureRequest, redis_url: str) -> tuple[str, str]:
     """(Redis URL, durability): the machine's Redis 7.0 has no WAITAOF, the embedded Valkey has AOF on."""
@@ -44,7 +51,7 @@ def test_chat_to_store_to_export(
     second = chat_pair(gw.url, user="alice")
     third = chat_pair(gw.url, user="bob")
     for body in (
-        vote(first, preference=1, comment="the second is kinder"),
+        vote(first, preference=1, comment=COMMENT),
         vote(second, "rating", choice=0, rating="up"),
         vote(second, "rating", choice=1, rating="down"),
         vote(third, preference="tie"),
@@ -73,7 +80,7 @@ def test_chat_to_store_to_export(
         "alice",
         "full",
     )
-    assert pairwise.comment == "the second is kinder" and not pairwise.user_written
+    assert pairwise.comment == COMMENT and not pairwise.user_written
 
     out = tmp_path / "dpo.jsonl"
     env = {"PAIRLOOP_DATABASE_URL": store_url, "PAIRLOOP_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
