@@ -69,10 +69,15 @@ def test_prompt_stream_vote_and_the_dashboard_counts_it(
     page.fill("#prompt", "Tell me about coffee.")
     page.keyboard.press("Control+Enter")
     expect(page.locator("#status")).to_contain_text("done", timeout=60_000)
+    chunks = []
     for i in (0, 1):
         answer = page.locator(f"#answer-{i}")
         assert answer.inner_text().strip(), f"answer {i} is empty"
-        assert int(answer.get_attribute("data-chunks") or 0) > 1, "the answer did not arrive as a stream"
+        chunks.append(int(answer.get_attribute("data-chunks") or 0))
+    # Rendered as it streams: the page counts the deltas it drew. Not both answers need to show it: when its
+    # consumer lags (a loaded machine), vLLM merges the deltas it has not handed out yet into one
+    # (RequestOutputCollector in vllm/v1/engine/output_processor.py), and a whole answer can arrive as one.
+    assert max(chunks) > 1, f"neither answer arrived as a stream: {chunks} chunks"
     expect(page.locator("#adapter-0")).to_have_text("")  # hidden until the vote
 
     page.locator("body").click()  # focus out of the prompt: the shortcut keys act on the page
