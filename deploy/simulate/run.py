@@ -293,8 +293,22 @@ class Simulation:
 
     # -- measuring ---------------------------------------------------------------------------------
 
+    async def wait_served(self, pin: str, timeout_s: float = 60.0) -> None:
+        """Until the gateway serves `pin`: it follows a swap made by the training worker within its poll interval,
+        which a loaded machine stretches, and a pin it does not serve yet is a 404."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self.api.chat("ping", n=1, max_tokens=1, pin=pin)
+                return
+            except SimulationError as exc:
+                if "answered 404" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
+
     async def sample(self, pin: str) -> list[str]:
         """One answer per held-out prompt from `pin` (`base` or an adapter), each prompt with its own seed."""
+        await self.wait_served(pin)
         sem = asyncio.Semaphore(self.config.concurrency * 2)
 
         async def one(i: int, prompt: str) -> str:
