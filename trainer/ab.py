@@ -49,9 +49,6 @@ class AbResult:
     """1 / alpha."""
     decision: Decision
     reason: str = ""
-    lower: float = 0.0
-    upper: float = 1.0
-    """A Wilson interval on the win rate, for people to read; it does not decide."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,8 +60,6 @@ class AbResult:
             "threshold": round(self.threshold, 4),
             "decision": self.decision,
             "reason": self.reason,
-            "wilson_lower": self.lower,
-            "wilson_upper": self.upper,
         }
 
 
@@ -105,7 +100,6 @@ def decide(wins: int, losses: int, min_votes: int, alpha: float, max_votes: int 
     n = wins + losses
     threshold = 1 / alpha
     better, worse = math.exp(log_evidence(wins, losses)), math.exp(log_evidence(losses, wins))
-    lower, upper = wilson(wins, n, 0.95)
     record = f"{wins}-{losses}, evidence {better:.3g} for and {worse:.3g} against (threshold {threshold:.3g})"
     decision: Decision = "wait"
     reason = ""
@@ -115,7 +109,7 @@ def decide(wins: int, losses: int, min_votes: int, alpha: float, max_votes: int 
         decision, reason = "retire", f"lost the live A/B test: {record}"
     elif max_votes is not None and n >= max_votes:
         decision, reason = "retire", f"no clear win in {n} live votes: {record}"
-    return AbResult(wins, losses, better, worse, threshold, decision, reason, round(lower, 4), round(upper, 4))
+    return AbResult(wins, losses, better, worse, threshold, decision, reason)
 
 
 def ab_votes(session: Session, challenger: str) -> tuple[int, int]:
