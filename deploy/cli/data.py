@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deploy.cli.options import DataDir, fail, redis_url, worker_settings
+from deploy.cli.options import DataDir, fail, redis_url, store_engine, worker_settings
 
 queue_app = typer.Typer(help="The feedback queue (RQ): counts and failed jobs.", no_args_is_help=True)
 db_app = typer.Typer(help="The preference store's schema (Alembic).", no_args_is_help=True)
@@ -94,7 +94,6 @@ def export(
     from sqlalchemy.orm import Session
 
     from feedback.export import export as run_export
-    from feedback.store import make_engine
 
     if kind not in ("dpo", "kto"):
         raise typer.BadParameter("--kind must be dpo or kto")
@@ -108,14 +107,6 @@ def export(
             raise typer.BadParameter(f"--since: not an ISO 8601 time: {since!r}") from None
         if start.tzinfo is None:
             start = start.replace(tzinfo=dt.UTC)
-    from sqlalchemy.exc import SQLAlchemyError
-
-    engine = make_engine(worker_settings(data_dir).store_url())
-    try:
-        with Session(engine) as session:
-            report = run_export(session, kind, out, fmt, start)  # type: ignore[arg-type]
-    except SQLAlchemyError as exc:
-        fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
-    finally:
-        engine.dispose()
+    with store_engine(worker_settings(data_dir).store_url()) as engine, Session(engine) as session:
+        report = run_export(session, kind, out, fmt, start)  # type: ignore[arg-type]
     typer.echo(json.dumps({"out": str(out), **report.as_dict()}))

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from deploy.cli.options import DataDir, fail, redis_url, setup_logging, trainer_settings, worker_settings
+from deploy.cli.options import (
+    DataDir,
+    fail,
+    redis_url,
+    setup_logging,
+    store_engine,
+    trainer_settings,
+    worker_settings,
+)
 
 if TYPE_CHECKING:
     from trainer.promotion import Promotions
@@ -33,29 +41,24 @@ def register(app: typer.Typer) -> None:
 
 def _with_promotions(data_dir: Path | None, action: Callable[[Promotions], Awaitable[T]]) -> T:
     from redis.exceptions import RedisError
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from feedback.store import make_engine
     from serving.errors import AdapterError
     from trainer.promotion import remote_promotions
 
     url = redis_url(worker_settings(data_dir))
-    engine = make_engine(trainer_settings(data_dir).store_url())
 
-    async def run() -> T:
-        async with remote_promotions(url, engine) as promotions:
-            return await action(promotions)
+    with store_engine(trainer_settings(data_dir).store_url()) as engine:
 
-    try:
-        return asyncio.run(run())
-    except AdapterError as exc:
-        fail(exc.message)
-    except RedisError as exc:
-        fail(f"cannot reach Redis: {exc}")
-    except SQLAlchemyError as exc:
-        fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
-    finally:
-        engine.dispose()
+        async def run() -> T:
+            async with remote_promotions(url, engine) as promotions:
+                return await action(promotions)
+
+        try:
+            return asyncio.run(run())
+        except AdapterError as exc:
+            fail(exc.message)
+        except RedisError as exc:
+            fail(f"cannot reach Redis: {exc}")
 
 
 def train(
@@ -179,20 +182,12 @@ def adapters_leaderboard(
 ) -> None:
     """Every variant that ever served (the base and each adapter), ranked by a Bradley-Terry fit on all pairwise
     votes between two of them, with 95% bootstrap intervals (Elo scale, the base at 1000)."""
-    from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from feedback.store import make_engine
     from trainer import leaderboard
 
-    engine = make_engine(trainer_settings(data_dir).store_url())
-    try:
-        with Session(engine) as session:
-            board = leaderboard.from_store(session, bootstrap=bootstrap)
-    except SQLAlchemyError as exc:
-        fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
-    finally:
-        engine.dispose()
+    with store_engine(trainer_settings(data_dir).store_url()) as engine, Session(engine) as session:
+        board = leaderboard.from_store(session, bootstrap=bootstrap)
     if as_json:
         typer.echo(json.dumps(board))
         return

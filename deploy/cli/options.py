@@ -3,8 +3,10 @@ readable errors, the Redis to talk to, and a one-line failure."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -12,6 +14,8 @@ import typer
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from trainer.settings import TrainerSettings
     from workers.settings import WorkerSettings
 
@@ -68,3 +72,20 @@ def redis_url(settings: WorkerSettings) -> str:
         )
         raise typer.Exit(2)
     return url
+
+
+@contextlib.contextmanager
+def store_engine(url: str) -> Iterator[Engine]:
+    """An engine on the preference store for the block, disposed after it; a store that cannot be read ends the
+    command with one line (no traceback)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from feedback.store import make_engine
+
+    engine = make_engine(url)
+    try:
+        yield engine
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the preference store ({type(exc).__name__}); is it migrated (`pairloop db upgrade`)?")
+    finally:
+        engine.dispose()
