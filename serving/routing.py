@@ -2,8 +2,9 @@
 
 The routing record (`pairloop:routing`, JSON) names the champion (None: the base model), an optional
 challenger with the share of pairs it plays in (`ab_fraction`), earlier champions for rollback, and each
-adapter's directory. Every gateway replica follows the same record (`serving/follower.py`), so they agree
-on what is served.
+adapter's path: a directory on a disk every vLLM server shares, or `store:<name>` for an adapter in the
+adapter store, which each vLLM host's sidecar copies to its own disk (`serving/adapter_hosts.py`).
+Every gateway replica follows the same record (`serving/follower.py`), so they agree on what is served.
 
 A swap (`swap` with one of the transitions `promoting`, `rolling_back`, `challenging`, `unchallenged`)
 first loads every adapter the new record serves into every vLLM backend and checks each with a one-token
@@ -28,6 +29,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from serving.adapter_hosts import host_path
 from serving.errors import AdapterError
 from serving.vllm_admin import VllmAdmin
 
@@ -63,7 +65,7 @@ async def load_routing(redis: Redis) -> Routing:
     return Routing.model_validate_json(raw) if raw else Routing()
 
 
-async def registered_backends(redis: Redis, max_age_s: float = 15.0) -> list[str]:
+async def registered_backends(redis: Redis, max_age_s: float = 5.0) -> list[str]:
     """vLLM base URLs that a live gateway listed as healthy within `max_age_s`."""
     urls: list[bytes] = await redis.zrangebyscore(BACKENDS_KEY, time.time() - max_age_s, "+inf")  # type: ignore[assignment]
     return [u.decode() for u in urls]
@@ -98,7 +100,7 @@ async def swap(
             if path is None:
                 raise AdapterError(f"no directory is known for adapter {name}", 404)
             for url in backends:
-                await admin.load(url, name, path)
+                await admin.load(url, name, await host_path(redis, url, path))
                 await admin.probe(url, name)
         load_s = time.perf_counter() - started
         after.epoch = before.epoch + 1

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from serving.adapter_store import AdapterStore, open_store
 from serving.ratelimit import RateLimit
 
 Scope = Literal["chat", "feedback", "admin"]
@@ -53,10 +55,23 @@ class PairloopSettings(BaseSettings):
     model: str | None = Field(
         None, description="Hugging Face id or local path of the base model; unset: the embedded tiny model."
     )
+    adapter_store_url: str | None = Field(
+        None,
+        description="Where finished adapters are published for every vLLM host: a shared directory or "
+        "`s3://bucket/prefix` (docs/DEPLOY.md); unset: the data dir, read by the one vLLM server beside it.",
+    )
+    adapter_store_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='JSON fsspec options of the adapter store, e.g. {"endpoint_url": "http://s3:9000"}.',
+    )
 
     def store_url(self) -> str:
         """The preference store's SQLAlchemy URL."""
         return self.database_url or default_database_url(self.data_dir)
+
+    def adapter_store(self) -> AdapterStore | None:
+        """The adapter store every vLLM host reads (None: the embedded default, the data dir)."""
+        return open_store(self.adapter_store_url, self.adapter_store_options)
 
 
 class ApiKey(BaseModel):
@@ -91,7 +106,11 @@ class ServingSettings(PairloopSettings):
     )
     vllm_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated base URLs of running vLLM servers; unset: start one as a child process.",
+        description="Comma-separated vLLM servers: base URLs, or `dns+http://name:port` for every address of a DNS "
+        "name, re-resolved (a headless Service); unset: start one as a child process.",
+    )
+    vllm_discovery_s: float = Field(
+        5.0, gt=0, le=300, description="How often the `dns+` entries of PAIRLOOP_VLLM_URLS are resolved again."
     )
     vllm_api_key: str | None = Field(None, description="Bearer key for the vLLM servers, if they require one.")
     api_keys: list[ApiKey] = Field(
@@ -153,7 +172,14 @@ class ServingSettings(PairloopSettings):
     @classmethod
     def _split_urls(cls, value: object) -> object:
         if isinstance(value, str):
-            return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+            value = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        if isinstance(value, list):
+            for url in value:
+                parts = urlsplit(str(url).removeprefix("dns+"))
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ValueError(
+                        f"PAIRLOOP_VLLM_URLS: {url!r} is not an http(s):// URL or a dns+http(s)://name:port entry"
+                    )
         return value
 
     @model_validator(mode="after")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,6 +28,7 @@ from trainer import registry
 from trainer.data import count_new, select_round
 from trainer.errors import RoundFailed
 from trainer.promotion import Promotions, remote_promotions
+from trainer.publish import local_copy, publish
 from trainer.queue import RoundLock, enqueue_round, round_pending
 from trainer.settings import TrainerSettings
 
@@ -177,20 +177,28 @@ def _train(settings: TrainerSettings, trigger: str) -> dict[str, Any]:
         version = registry.next_version(session)
         session.commit()
         round_id = row.id
-        parent_ref = (parent.name, Path(parent.path)) if parent else None
+        parent_ref = (parent.name, parent.path) if parent else None
     try:
-        result = run_round(data, parent_ref, version, settings)
+        parent_dir = (parent_ref[0], local_copy(settings, *parent_ref)) if parent_ref else None
+        result = run_round(data, parent_dir, version, settings)
     except RoundFailed as exc:
         _finish(store, round_id, "failed", error=exc.message)
         log.error("round %d failed: %s", round_id, exc.message)
         return {"round": round_id, "status": "failed", "error": exc.message}
+    path, publish_error = str(result.path), None
+    if result.decision.passed:
+        try:
+            path = publish(settings, result.name, result.path)
+        except AdapterError as exc:
+            publish_error = f"could not publish to the adapter store: {exc.message}"
+            log.error("round %d: %s", round_id, publish_error)
     with Session(store) as session:
         adapter = registry.Adapter(
             name=result.name,
             version=version,
             parent=parent_ref[0] if parent_ref else None,
             status="candidate" if result.decision.passed else "rejected",
-            path=str(result.path),
+            path=path,
             method=data.method,
             metrics=result.metrics,
             round_id=round_id,
@@ -204,6 +212,9 @@ def _train(settings: TrainerSettings, trigger: str) -> dict[str, Any]:
     if not result.decision.passed:
         _finish(store, round_id, "rejected", adapter=result.name, decision=decision)
         return {"round": round_id, "status": "rejected", "adapter": result.name, "gate": decision}
+    if publish_error:
+        _finish(store, round_id, "passed", adapter=result.name, decision=decision, error=publish_error)
+        return {"round": round_id, "status": "passed", "adapter": result.name, "gate": decision, "error": publish_error}
     status, error = _advance(settings, result.name)
     _finish(store, round_id, status, adapter=result.name, decision=decision, error=error)
     return {"round": round_id, "status": status, "adapter": result.name, "gate": decision, "error": error}
