@@ -76,21 +76,43 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(service: ChatServiceDep) -> JSONResponse:
-    """Ready when Redis answers and at least one vLLM backend passed its last probe."""
+    """Ready when Redis answers and at least one vLLM backend takes requests (it passed its last probe and holds
+    the served adapters)."""
     try:
         redis_ok = bool(await asyncio.wait_for(service.redis.ping(), timeout=2.0))
     except (RedisError, OSError, TimeoutError):
         redis_ok = False
     healthy = sum(b.healthy for b in service.pool.backends)
-    ready = redis_ok and healthy > 0
+    serving = service.pool.ready
+    ready = redis_ok and serving
     body = {
         "status": "ready" if ready else "not ready",
         "redis": redis_ok,
         "backends_healthy": healthy,
+        "backends_ready": sum(b.healthy and b.ready and not b.draining for b in service.pool.backends),
         "backends": len(service.pool.backends),
     }
     headers = {} if ready else {"Retry-After": str(service.settings.retry_after_s)}
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+
+@router.get("/admin/backends")
+async def backends(_: Annotated[Principal, require("admin")], service: ChatServiceDep) -> dict[str, Any]:
+    """This gateway's vLLM backends: where each came from, whether it takes requests, what it holds."""
+    return {
+        "backends": [
+            {
+                "url": b.url,
+                "source": b.source,
+                "healthy": b.healthy,
+                "ready": b.ready,
+                "draining": b.draining,
+                "in_flight": b.in_flight,
+                "models": b.models,
+            }
+            for b in service.pool.backends
+        ]
+    }
 
 
 @router.get("/metrics")

@@ -64,6 +64,7 @@ def create_app(
                 interval_s=settings.health_interval_s,
                 retry_after_s=settings.retry_after_s,
                 headers=headers,
+                discovery_s=settings.vllm_discovery_s,
             )
             admin_client = httpx.AsyncClient()
             adapters = AdapterRouter(

@@ -1,13 +1,23 @@
-"""The vLLM servers behind the gateway: health probes and the choice of a backend per request."""
+"""The vLLM servers behind the gateway: discovery, health probes and the choice of a backend per request.
+
+The servers are a fixed list of URLs, DNS names re-resolved periodically (`dns+http://vllm:8000`: every
+address the name has is a backend, as a Kubernetes headless Service gives), or both. A backend that
+appears, or comes back after being down, takes no traffic until it is `ready`: the gateway's follower
+(`serving/follower.py`) has loaded the served adapters there and probed them. One that disappears from
+DNS is drained (no new requests) and forgotten once its requests in flight finish.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -24,6 +34,36 @@ class Backend:
     models: list[str] = field(default_factory=list)
     """Names vLLM serves (the base model first, then loaded adapters), from its last `/v1/models`."""
     base_model: str | None = None
+    ready: bool = False
+    """Healthy, and holding the served adapters, probed, since it last came up (only then it takes requests)."""
+    draining: bool = False
+    """Gone from discovery: takes no new request, forgotten once none is in flight."""
+    source: str = ""
+    """The configured entry it came from (a URL, or a `dns+` name)."""
+
+
+DNS_SCHEME = "dns+"
+
+
+def is_discovered(entry: str) -> bool:
+    return entry.startswith(DNS_SCHEME)
+
+
+def address_url(scheme: str, address: str, port: int) -> str:
+    """`scheme://address:port`, with an IPv6 address in brackets."""
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    return f"{scheme}://{host}:{port}"
+
+
+async def resolve_entry(entry: str) -> list[str]:
+    """The backend URLs of one `dns+http://name:port` entry: one per address of `name` (sorted)."""
+    parts = urlsplit(entry[len(DNS_SCHEME) :])
+    if not parts.hostname:
+        raise ValueError(f"{entry}: no host name")
+    scheme = parts.scheme or "http"
+    port = parts.port or (443 if scheme == "https" else 80)
+    infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    return sorted({address_url(scheme, str(info[4][0]), port) for info in infos})
 
 
 class BackendPool:
@@ -41,10 +81,16 @@ class BackendPool:
         interval_s: float = 1.0,
         retry_after_s: int = 5,
         headers: dict[str, str] | None = None,
+        discovery_s: float = 5.0,
     ) -> None:
         if not urls:
             raise ValueError("a backend pool needs at least one URL")
-        self.backends = [Backend(u.rstrip("/")) for u in urls]
+        self.entries = [u.rstrip("/") for u in urls]
+        self.backends = [Backend(u, source=u) for u in self.entries if not is_discovered(u)]
+        self.gated = False
+        """Set by the follower: backends take requests only once it made them `ready`."""
+        self._discovery_s = discovery_s
+        self._discovered_at = -1e9
         self._client = client
         self.headers = headers or {}
         """Sent with every request to a backend (vLLM's `--api-key`, if it has one)."""
@@ -56,11 +102,46 @@ class BackendPool:
 
     @property
     def ready(self) -> bool:
-        return any(b.healthy for b in self.backends)
+        return any(self._serves(b) for b in self.backends)
+
+    def _serves(self, b: Backend) -> bool:
+        return b.healthy and (b.ready or not self.gated) and not b.draining
+
+    async def discover(self) -> None:
+        """Re-resolve the `dns+` entries: add the new addresses (not ready yet), drain the vanished ones."""
+        found: dict[str, str] = {}
+        for entry in self.entries:
+            if not is_discovered(entry):
+                continue
+            try:
+                urls = await resolve_entry(entry)
+            except (OSError, ValueError) as exc:
+                # a failing lookup keeps the last answer: DNS trouble must not drain every backend
+                log.warning("discovery: cannot resolve %s: %s", entry, exc)
+                found |= {b.url: entry for b in self.backends if b.source == entry}
+                continue
+            found |= dict.fromkeys(urls, entry)
+        known = {b.url for b in self.backends}
+        for url, entry in found.items():
+            if url not in known:
+                log.warning("discovery: new vLLM backend %s (from %s)", url, entry)
+                self.backends.append(Backend(url, source=entry))
+                self._changed.set()
+        for b in self.backends:
+            if is_discovered(b.source) and b.url not in found and not b.draining:
+                log.warning("discovery: vLLM backend %s is gone; draining it", b.url)
+                b.draining = True
+            elif b.draining and b.url in found:
+                b.draining = False
+        self.backends = [b for b in self.backends if not (b.draining and b.in_flight == 0)]
 
     def base_model(self) -> str | None:
         """The base model's name as the healthy backends report it."""
         return next((b.base_model for b in self.backends if b.healthy and b.base_model), None)
+
+    def healthy(self) -> list[Backend]:
+        """Backends whose health probe answers (ready or not), draining ones included."""
+        return [b for b in self.backends if b.healthy]
 
     async def probe(self, backend: Backend) -> None:
         try:
@@ -76,10 +157,21 @@ class BackendPool:
         if healthy != backend.healthy:
             log.warning("vLLM backend %s is %s", backend.url, "up" if healthy else "DOWN")
             backend.healthy = healthy
+            backend.ready = False  # back up: the follower loads and probes the served adapters first
             self._changed.set()
 
     async def probe_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._discovered_at >= self._discovery_s:
+            self._discovered_at = loop.time()
+            await self.discover()
         await asyncio.gather(*(self.probe(b) for b in self.backends))
+
+    def set_ready(self, backend: Backend) -> None:
+        if not backend.ready:
+            log.info("vLLM backend %s takes requests", backend.url)
+        backend.ready = True
+        self._changed.set()
 
     async def _loop(self) -> None:
         while True:
@@ -112,9 +204,10 @@ class BackendPool:
         if backend.healthy:
             log.warning("vLLM backend %s is DOWN (%s)", backend.url, reason)
         backend.healthy = False
+        backend.ready = False
 
     def pick(self, exclude: set[str] | None = None, model: str | None = None) -> Backend:
-        healthy = [b for b in self.backends if b.healthy and b.url not in (exclude or ())]
+        healthy = [b for b in self.backends if self._serves(b) and b.url not in (exclude or ())]
         if model is not None:
             # a backend that restarted serves an adapter only once the gateway loaded it there again
             healthy = [b for b in healthy if model in b.models] or healthy

@@ -4,7 +4,8 @@ keep this gateway's vLLM backends holding what is served.
 Each gateway polls the record (`serving/routing.py`) every `adapter_poll_s`; when it changes, it makes sure
 its backends hold the new adapters and switches. A request keeps the adapter it started with; an adapter
 that no longer serves is unloaded once this gateway has no request in flight on it. A backend that
-restarts is given the served adapters again before requests for them are sent to it.
+appears (discovery) or restarts takes no request until the served adapters are loaded there and answered a
+probe (`Backend.ready`). Each adapter's path on a backend's host comes from `serving/adapter_hosts.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from serving.adapter_hosts import host_path
 from serving.backends import Backend, BackendPool
 from serving.errors import AdapterError
 from serving.routing import BACKENDS_KEY, Routing, SwapResult, load_routing, swap
@@ -44,6 +46,7 @@ class AdapterRouter:
     ) -> None:
         self.redis = redis
         self.pool = pool
+        pool.gated = True  # its backends take requests once this follower made them ready
         self.admin = admin
         self.poll_s = poll_s
         self.max_loras = max_loras
@@ -57,6 +60,7 @@ class AdapterRouter:
         self._task: asyncio.Task[None] | None = None
         self._registered = 0.0
         self._lock = asyncio.Lock()
+        self._warned: dict[str, str] = {}
 
     # choices
 
@@ -101,25 +105,44 @@ class AdapterRouter:
             await asyncio.sleep(self.poll_s)
 
     async def sync(self) -> None:
-        """One pass: register the backends, follow a changed record, reload after restarts, unload."""
+        """One pass: register the backends, follow a changed record, prepare new or restarted backends, unload."""
         async with self._lock:
-            healthy = [b for b in self.pool.backends if b.healthy]
+            healthy = [b for b in self.pool.healthy() if not b.draining]
             now = time.time()
             if healthy and now - self._registered > 1.0:
                 await self.redis.zadd(BACKENDS_KEY, {b.url: now for b in healthy})
                 self._registered = now
             desired = await load_routing(self.redis)
             for backend in healthy:
-                for name in desired.served():
-                    if name not in backend.models:
-                        await self._load(backend, name, desired.paths[name])
+                try:
+                    await self._prepare(backend, desired)
+                except AdapterError as exc:
+                    self._warn(backend.url, exc.message)
             if desired.epoch != self.routing.epoch:
                 log.info("serving champion %s, challenger %s", desired.champion, desired.challenger)
                 self.routing = desired
             await self._unload(healthy)
 
-    async def _load(self, backend: Backend, name: str, path: str) -> None:
-        await self.admin.load(backend.url, name, path)
+    async def _prepare(self, backend: Backend, desired: Routing) -> None:
+        """Load what `desired` serves on `backend`; a backend not ready yet is probed, then takes requests."""
+        for name in desired.served():
+            if name not in backend.models:
+                # no wait: a host whose sidecar lacks it is tried again next pass, and the others go on meanwhile
+                await self._load(backend, name, desired.paths[name], timeout_s=0.0)
+        if not backend.ready:
+            for name in desired.served() or [backend.base_model or ""]:
+                await self.admin.probe(backend.url, name)
+            self.pool.set_ready(backend)
+            self._warned.pop(backend.url, None)
+
+    def _warn(self, key: str, message: str) -> None:
+        """Log a problem once, not at every pass while it lasts."""
+        if self._warned.get(key) != message:
+            log.warning("adapter routing: %s", message)
+            self._warned[key] = message
+
+    async def _load(self, backend: Backend, name: str, path: str, *, timeout_s: float) -> None:
+        await self.admin.load(backend.url, name, await host_path(self.redis, backend.url, path, timeout_s=timeout_s))
         backend.models = [*backend.models, name]
 
     async def ensure(self, backend: Backend, name: str) -> None:
@@ -127,7 +150,7 @@ class AdapterRouter:
         path = self.routing.paths.get(name)
         if path is None:
             raise AdapterError(f"no directory is known for adapter {name}", 503)
-        await self._load(backend, name, path)
+        await self._load(backend, name, path, timeout_s=2.0)
 
     def keep(self) -> set[str]:
         """Adapters to keep loaded: those served, and the previous champion while slots allow (one slot
@@ -158,11 +181,11 @@ class AdapterRouter:
 
     async def promote_local(self, change: Callable[[Routing], Routing]) -> SwapResult:
         """A swap through this gateway's own backends, followed at once (no poll delay)."""
-        urls = [b.url for b in self.pool.backends if b.healthy]
+        urls = [b.url for b in self.pool.healthy() if not b.draining]
         result = await swap(self.redis, self.admin, urls, change)
         async with self._lock:
-            for backend in self.pool.backends:
-                if backend.healthy:
+            for backend in self.pool.healthy():
+                if backend.url in urls:
                     backend.models = sorted({*backend.models, *result.after.served()})
             self.routing = result.after
         return result
