@@ -6,6 +6,7 @@ Redis (or, where none answers, the embedded Valkey server), and the gateway over
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,9 +101,16 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A database of its own on the machine's PostgreSQL, dropped at the end of the session."""
+    with postgres_database(f"pairloop_test_{os.getpid()}") as url:
+        upgrade(url)
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_database(name: str) -> Iterator[str]:
+    """A new, empty database `name` on the machine's PostgreSQL for the block (skips without PostgreSQL)."""
     base = make_url(os.environ.get("PAIRLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    name = f"pairloop_test_{os.getpid()}"
     try:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
@@ -110,14 +118,19 @@ def pg_url() -> Iterator[str]:
     except OperationalError as exc:
         admin.dispose()
         pytest.skip(f"no PostgreSQL at {base.render_as_string()}: {exc}")
-    url = base.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
     try:
-        yield url
+        yield base.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """An empty database of its own for one test (not migrated): the cluster test's shared store."""
+    with postgres_database(f"pairloop_fresh_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 from deploy import settings
-from deploy.cli import data, loop, service, simulate
+from deploy.cli import data, hosts, loop, service, simulate
 
 
 def _check_environment() -> None:
@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     callback=_check_environment,
 )
-for module in (service, data, loop, simulate):
+for module in (service, hosts, data, loop, simulate):
     module.register(app)
 
 __all__ = ["app"]

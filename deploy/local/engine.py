@@ -44,6 +44,8 @@ class EngineConfig:
     model: str
     served_model_name: str
     port: int = 0
+    host: str = "127.0.0.1"
+    """Address vLLM listens on: loopback beside the gateway; a private network address on a host of its own."""
     max_model_len: int | None = None
     max_loras: int = 4
     max_lora_rank: int = 16
@@ -68,7 +70,8 @@ class EngineProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -85,7 +88,7 @@ class EngineProcess:
             "--served-model-name",
             c.served_model_name,
             "--host",
-            "127.0.0.1",
+            c.host,
             "--port",
             str(self.port),
             "--enable-prefix-caching",

@@ -1,0 +1,141 @@
+"""`pairloop gateway`, `pairloop vllm` and `pairloop adapter-sync`: the processes of a deployment across hosts.
+
+`pairloop up` runs every part on one machine. Across machines each host runs one of these (docs/DEPLOY.md):
+gateways (`pairloop gateway`, as many as needed), vLLM hosts (`pairloop vllm` with `pairloop adapter-sync`
+beside it), feedback workers (`pairloop worker`), one training worker (`pairloop worker --training`) and
+one `pairloop cron`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from deploy.cli.options import explain, fail, setup_logging
+from serving.settings import ServingSettings
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(gateway)
+    app.command()(vllm)
+    app.command("adapter-sync")(adapter_sync)
+
+
+def _serving_settings(**overrides: object) -> ServingSettings:
+    try:
+        return ServingSettings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise typer.BadParameter(explain(exc)) from None
+
+
+def gateway(
+    port: Annotated[int | None, typer.Option(help="Gateway port (env PAIRLOOP_PORT; default 8000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Gateway address (env PAIRLOOP_HOST; default 127.0.0.1).")] = None,
+) -> None:
+    """Run one gateway over running vLLM servers (PAIRLOOP_VLLM_URLS), a shared Redis (PAIRLOOP_REDIS_URL,
+    with PAIRLOOP_SECRET) and the preference store (PAIRLOOP_DATABASE_URL); run as many as needed."""
+    from deploy.local import stack
+
+    setup_logging()
+    settings = _serving_settings(port=port, host=host)
+    missing = [
+        name
+        for name, value in (
+            ("PAIRLOOP_VLLM_URLS", settings.vllm_urls),
+            ("PAIRLOOP_REDIS_URL", settings.redis_url),
+            ("PAIRLOOP_DATABASE_URL", settings.database_url),
+        )
+        if not value
+    ]
+    if missing:
+        fail(
+            f"pairloop gateway shares its state with the other gateways: set {', '.join(missing)} "
+            "(or run everything on one machine with `pairloop up`)"
+        )
+    stack.run(settings, workers=0, training=False)
+
+
+def vllm(
+    host: Annotated[str, typer.Option(help="Address vLLM listens on: a private address the gateways reach.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port vLLM listens on.")] = 8001,
+) -> None:
+    """Run the vLLM server of one vLLM host (model: PAIRLOOP_MODEL, or the embedded tiny model built into the
+    data dir), restarted if it dies. Beside it, run `pairloop adapter-sync`."""
+    from deploy.local.engine import EngineConfig, EngineProcess
+    from deploy.local.stack import resolve_model
+
+    setup_logging()
+    settings = _serving_settings()
+    model, name = resolve_model(settings)
+    engine = EngineProcess(
+        EngineConfig(
+            model=model,
+            served_model_name=name,
+            host=host,
+            port=port,
+            max_model_len=settings.vllm_max_model_len,
+            max_loras=settings.vllm_max_loras,
+            max_lora_rank=settings.vllm_max_lora_rank,
+            kv_cache_gib=settings.vllm_kv_cache_gib,
+            extra_args=settings.vllm_extra_args.split(),
+            log_path=settings.data_dir / "logs" / "vllm.log",
+            echo=lambda line: typer.echo(f"[vllm] {line}", err=True),
+        )
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    engine.start()
+    try:
+        stop.wait()
+    finally:
+        engine.stop()
+
+
+def adapter_sync(
+    vllm_url: Annotated[
+        str, typer.Option(help="The vLLM server this sidecar sits beside, as the gateways address it.")
+    ],
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Directory on this host that the vLLM server loads adapters from.")
+    ],
+    interval_s: Annotated[float, typer.Option(min=0.05, help="Seconds between passes.")] = 0.5,
+) -> None:
+    """Keep DIR holding the adapters that are or may be served, copied from the adapter store
+    (PAIRLOOP_ADAPTER_STORE_URL) with every hash checked, and report them in Redis (PAIRLOOP_REDIS_URL)."""
+    from redis.asyncio import Redis
+
+    from serving.adapter_sync import AdapterSync
+    from serving.errors import AdapterError
+    from serving.settings import PairloopSettings
+
+    setup_logging()
+    try:
+        settings = PairloopSettings()
+    except ValidationError as exc:
+        raise typer.BadParameter(explain(exc)) from None
+    if not settings.redis_url or not settings.adapter_store_url:
+        fail("pairloop adapter-sync needs PAIRLOOP_REDIS_URL and PAIRLOOP_ADAPTER_STORE_URL")
+    try:
+        store = settings.adapter_store()
+    except AdapterError as exc:
+        fail(exc.message)
+    assert store is not None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with Redis.from_url(str(settings.redis_url), socket_timeout=5.0) as redis:
+            await AdapterSync(redis, store, vllm_url, directory, interval_s=interval_s).run(stop)
+
+    asyncio.run(main())

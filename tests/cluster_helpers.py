@@ -1,0 +1,402 @@
+"""The topology of docs/DEPLOY.md on one machine: every "host" a process group with its own data dir, on loopback.
+
+    valkey                    the shared Redis-compatible server (a real valkey-server)
+    s3                        SeaweedFS's S3 gateway: the adapter store (tests/s3_server.py)
+    PostgreSQL                the machine's, a database of its own
+    vllm-N (127.0.0.N+1:P)    `pairloop vllm` + `pairloop adapter-sync`, its own adapter directory and model copy
+    gateway-N                 `pairloop gateway`, with its own /etc/hosts (a private mount namespace) that names
+                              the vLLM hosts `vllm-pool`: PAIRLOOP_VLLM_URLS=dns+http://vllm-pool:P
+    worker-N                  `pairloop worker` (feedback)
+    trainer                   `pairloop worker --training`, its own model copy and adapters dir
+    cron                      `pairloop cron`
+
+No two hosts share a path: the vLLM hosts get adapters only through the store and their sidecars. Used by
+tests/test_cluster.py and bench/cluster.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deploy.local.redis_server import EmbeddedRedis
+from deploy.migrations import upgrade
+from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
+from tests.s3_server import SeaweedS3
+
+POOL_NAME = "vllm-pool"
+
+TRAINER_ENV = {
+    "PAIRLOOP_AB_FRACTION": "0",
+    "PAIRLOOP_MIN_NEW_EXAMPLES": "8",
+    "PAIRLOOP_GATE_MIN_ACCURACY": "0.5",
+    "PAIRLOOP_GATE_MAX_LENGTH_RATIO": "100",
+    "PAIRLOOP_GATE_LENGTH_PROMPTS": "4",
+    "PAIRLOOP_HOLDOUT_FRACTION": "0.25",
+    "PAIRLOOP_MAX_USER_SHARE": "0.2",
+    "PAIRLOOP_TRAIN__LEARNING_RATE": "2e-3",
+    "PAIRLOOP_TRAIN__EPOCHS": "3",
+    "PAIRLOOP_TRAIN__MIN_PAIRS": "4",
+    "PAIRLOOP_TRAIN__SEED": "0",
+    "PAIRLOOP_CHECK_INTERVAL_S": "3600",  # rounds in the test are started by POST /admin/train
+}
+
+
+def can_isolate_hosts() -> bool:
+    """Whether this process may give a gateway its own /etc/hosts (a mount namespace needs root)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def port_free_on(addresses: list[str], port: int) -> bool:
+    for address in addresses:
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                return False
+    return True
+
+
+def pool_port(addresses: list[str]) -> int:
+    """A port free on every one of `addresses`."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port_free_on(addresses, port):
+            return port
+    raise RuntimeError("no port free on every vLLM address")
+
+
+@dataclass
+class Host:
+    """One "machine": a process group started by `command`, its data dir, its log."""
+
+    name: str
+    dir: Path
+    command: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = (self.dir / "host.log").open("ab")
+        self.proc = subprocess.Popen(
+            self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: the host is gone at once, nothing shuts down cleanly."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self._reap()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout_s)
+        self._reap()
+
+    def _reap(self) -> None:
+        """SIGKILL whatever is left of the group (a child that outlived its parent)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        path = self.dir / "host.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
+
+
+@dataclass
+class Cluster:
+    root: Path
+    tiny_model: Path
+    pg_url: str
+    valkey: EmbeddedRedis | None = None
+    s3: SeaweedS3 | None = None
+    port: int = 0
+    hosts: dict[str, Host] = field(default_factory=dict)
+    pool: list[str] = field(default_factory=list)
+    """The addresses `vllm-pool` resolves to on every gateway host."""
+
+    # -- shared services -------------------------------------------------------------------------
+
+    def start_services(self) -> None:
+        self.valkey = EmbeddedRedis(self.root / "valkey", "cluster-valkey-password")
+        self.valkey.start()
+        self.s3 = SeaweedS3(self.root / "s3")
+        self.s3.start()
+        upgrade(self.pg_url)  # once, by the operator (`pairloop db upgrade`), before the hosts start
+        self.port = pool_port([vllm_address(i) for i in range(1, 4)])
+
+    @property
+    def redis_url(self) -> str:
+        assert self.valkey is not None
+        return self.valkey.url
+
+    def shared_env(self, data_dir: Path) -> dict[str, str]:
+        assert self.s3 is not None
+        return _clean_env() | {
+            "PAIRLOOP_DATA_DIR": str(data_dir),
+            "PAIRLOOP_REDIS_URL": self.redis_url,
+            "PAIRLOOP_DATABASE_URL": self.pg_url,
+            "PAIRLOOP_SECRET": SECRET,
+            "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
+            "PAIRLOOP_ADAPTER_STORE_URL": self.s3.url,
+            "PAIRLOOP_ADAPTER_STORE_OPTIONS": json.dumps(self.s3.options()),
+            "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME,
+        }
+
+    def _model_copy(self, host_dir: Path) -> Path:
+        """The base model on this host's own disk (as its image or volume would hold it)."""
+        target = host_dir / "model"
+        if not target.exists():
+            shutil.copytree(self.tiny_model, target)
+        return target
+
+    # -- hosts -----------------------------------------------------------------------------------
+
+    def _pairloop(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "deploy", *args]
+
+    def add_vllm(self, n: int, *, with_sync: bool = True) -> Host:
+        """vLLM host `n` (address 127.0.0.{n+1}): `pairloop vllm` and its `pairloop adapter-sync`, one process
+        group (`with_sync=False`: the sidecar later, by `add_sync`)."""
+        name = f"vllm-{n}"
+        host_dir = self.root / name
+        host_dir.mkdir(parents=True, exist_ok=True)
+        address = vllm_address(n)
+        url = f"http://{address}:{self.port}"
+        env = self.shared_env(host_dir) | {
+            "PAIRLOOP_MODEL": str(self._model_copy(host_dir)),
+            "PAIRLOOP_VLLM_KV_CACHE_GIB": "1",
+        }
+        vllm = _join(self._pairloop("vllm", "--host", address, "--port", str(self.port)))
+        script = f"{vllm} & {_join(self._sync_command(n))} & wait" if with_sync else f"exec {vllm}"
+        host = Host(name, host_dir, ["sh", "-c", script], env, url=url)
+        self.hosts[name] = host
+        host.start()
+        return host
+
+    def _sync_command(self, n: int) -> list[str]:
+        url = f"http://{vllm_address(n)}:{self.port}"
+        adapters = str(self.root / f"vllm-{n}" / "adapters")
+        return self._pairloop("adapter-sync", "--vllm-url", url, "--dir", adapters, "--interval-s", "0.2")
+
+    def add_sync(self, n: int) -> Host:
+        """The adapter-sync of vLLM host `n`, started on its own (same host dir)."""
+        vllm = self.hosts[f"vllm-{n}"]
+        host = Host(f"vllm-{n}-sync", vllm.dir, self._sync_command(n), vllm.env)
+        self.hosts[host.name] = host
+        host.start()
+        return host
+
+    def write_pool(self, addresses: list[str]) -> None:
+        """What `vllm-pool` resolves to on each gateway host (its own /etc/hosts, rewritten in place)."""
+        self.pool = addresses
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"] + [f"{a} {POOL_NAME}" for a in addresses]
+        for host in self.hosts.values():
+            hosts_file = host.dir / "etc-hosts"
+            if host.name.startswith("gateway-"):
+                with hosts_file.open("r+" if hosts_file.exists() else "w") as f:  # same inode: the bind mount sees it
+                    f.seek(0)
+                    f.truncate()
+                    f.write("\n".join(lines) + "\n")
+
+    def add_gateway(self, n: int, **env: str) -> Host:
+        name = f"gateway-{n}"
+        host_dir = self.root / name
+        host_dir.mkdir(parents=True, exist_ok=True)
+        hosts_file = host_dir / "etc-hosts"
+        hosts_file.touch()
+        port = free_port_v4()
+        variables = self.shared_env(host_dir) | {
+            "PAIRLOOP_VLLM_URLS": f"dns+http://{POOL_NAME}:{self.port}",
+            "PAIRLOOP_VLLM_DISCOVERY_S": "0.5",
+            "PAIRLOOP_HEALTH_INTERVAL_S": "0.5",
+            "PAIRLOOP_ADAPTER_POLL_S": "0.1",
+            **env,
+        }
+        gateway = _join(self._pairloop("gateway", "--port", str(port)))
+        script = f"mount --bind {hosts_file} /etc/hosts && exec {gateway}"
+        host = Host(name, host_dir, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script], variables)
+        host.url = f"http://127.0.0.1:{port}"
+        self.hosts[name] = host
+        self.write_pool(self.pool)
+        host.start()
+        return host
+
+    def add_worker(self, name: str, *args: str, **env: str) -> Host:
+        host_dir = self.root / name
+        host_dir.mkdir(parents=True, exist_ok=True)
+        variables = self.shared_env(host_dir) | dict(env)
+        if "--training" in args:
+            variables |= TRAINER_ENV | {"PAIRLOOP_MODEL": str(self._model_copy(host_dir))}
+        if args[:1] == ("cron",):
+            variables |= TRAINER_ENV
+        host = Host(name, host_dir, self._pairloop(*args), variables)
+        self.hosts[name] = host
+        host.start()
+        return host
+
+    def stop(self) -> None:
+        for host in reversed(list(self.hosts.values())):
+            host.stop()
+        if self.s3:
+            self.s3.stop()
+        if self.valkey:
+            self.valkey.stop()
+
+    # -- waiting ---------------------------------------------------------------------------------
+
+    def wait_http(self, host: Host, path: str, timeout_s: float = 300.0, ok: int = 200) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{host.url}{path}", timeout=2.0).status_code == ok:
+                    return
+            if not host.alive():
+                raise AssertionError(f"{host.name} exited:\n{host.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{host.name} did not answer {path} in {timeout_s} s:\n{host.log_tail()}")
+            time.sleep(0.25)
+
+
+def vllm_address(n: int) -> str:
+    return f"127.0.0.{n + 1}"
+
+
+def free_port_v4() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _join(cmd: list[str]) -> str:
+    import shlex
+
+    return shlex.join(cmd)
+
+
+def backends(gateway: Host) -> list[dict[str, Any]]:
+    resp = httpx.get(f"{gateway.url}/admin/backends", headers=_admin(), timeout=10)
+    resp.raise_for_status()
+    data: list[dict[str, Any]] = resp.json()["backends"]
+    return data
+
+
+def _admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS['full'].key}"}
+
+
+@contextlib.contextmanager
+def cluster(root: Path, tiny_model: Path, pg_url: str) -> Iterator[Cluster]:
+    c = Cluster(root, tiny_model, pg_url)
+    try:
+        c.start_services()
+        yield c
+    finally:
+        c.stop()
+
+
+@dataclass
+class Outcome:
+    started: float
+    elapsed: float
+    status: int
+    """HTTP status; 0: no answer within the client's timeout or the connection failed."""
+    adapter: str | None
+    error: str | None
+
+
+class SteadyLoad:
+    """`concurrency` clients sending chat requests back to back, alternating over `gateways`, each with a
+    client timeout: records every outcome (status, adapter that answered, time)."""
+
+    def __init__(
+        self, gateways: list[str], concurrency: int = 4, max_tokens: int = 16, timeout_s: float = 60.0
+    ) -> None:
+        import threading
+
+        self.gateways = gateways
+        self.concurrency = concurrency
+        self.max_tokens = max_tokens
+        self.timeout_s = timeout_s
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(concurrency)]
+        self._lock = threading.Lock()
+
+    def _client(self, i: int) -> None:
+        n = 0
+        with httpx.Client(timeout=self.timeout_s, headers=_admin()) as client:
+            while not self._stop.is_set():
+                gateway = self.gateways[(i + n) % len(self.gateways)]
+                body = {
+                    "model": MODEL_NAME,
+                    "messages": [{"role": "user", "content": f"Tell me about tea, {i}-{n}."}],
+                    "max_tokens": self.max_tokens,
+                    "user": f"load-{i}-{n}",
+                }
+                n += 1
+                started = time.monotonic()
+                try:
+                    resp = client.post(f"{gateway}/v1/chat/completions", json=body)
+                    data = resp.json()
+                    adapter = data["pairloop"]["choices"][0]["adapter"] if resp.status_code == 200 else None
+                    error = None if resp.status_code == 200 else data.get("error", {}).get("message", resp.text)
+                    outcome = Outcome(started, time.monotonic() - started, resp.status_code, adapter, error)
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    outcome = Outcome(started, time.monotonic() - started, 0, None, repr(exc))
+                with self._lock:
+                    self.outcomes.append(outcome)
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 5)
+
+    def since(self, t: float) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if o.started >= t]
+
+
+def vllm_metric(url: str, name: str) -> float:
+    """The sum of one counter over its labels from a vLLM server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
