@@ -12,12 +12,13 @@ import aiohttp
 import httpx
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.chat import ChatService
-from serving.errors import install_handlers
+from serving.errors import AdapterError, install_handlers
 from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
@@ -87,6 +88,8 @@ def create_app(
                     settings.host,
                 )
             await pool.probe_all()
+            with contextlib.suppress(RedisError, OSError, AdapterError, ValueError):
+                await adapters.sync()  # ready the backends that are up before the first request (the loop retries)
             pool.start()
             adapters.start()
             # Everything imported and built so far lives as long as the process: keep it out of the garbage

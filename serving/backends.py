@@ -89,6 +89,8 @@ class BackendPool:
         self.backends = [Backend(u, source=u) for u in self.entries if not is_discovered(u)]
         self.gated = False
         """Set by the follower: backends take requests only once it made them `ready`."""
+        self.not_ready_reason: str | None = None
+        """Why the follower could not make backends ready (told to clients while none is)."""
         self._discovery_s = discovery_s
         self._discovered_at = -1e9
         self._client = client
@@ -212,9 +214,11 @@ class BackendPool:
             # a backend that restarted serves an adapter only once the gateway loaded it there again
             healthy = [b for b in healthy if model in b.models] or healthy
         if not healthy:
-            raise Unavailable(
-                "No inference backend is available; try again shortly.", retry_after_s=self._retry_after_s
-            )
+            up = any(b.healthy and not b.draining for b in self.backends)
+            message = "No inference backend is available; try again shortly."
+            if up and self.not_ready_reason:
+                message = f"No inference backend is ready ({self.not_ready_reason}); try again shortly."
+            raise Unavailable(message, retry_after_s=self._retry_after_s)
         least = min(b.in_flight for b in healthy)
         candidates = [b for b in healthy if b.in_flight == least]
         return candidates[next(self._rr) % len(candidates)]

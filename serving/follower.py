@@ -100,7 +100,11 @@ class AdapterRouter:
         while True:
             try:
                 await self.sync()
-            except (RedisError, OSError, AdapterError, ValueError) as exc:
+                self.pool.not_ready_reason = None
+            except RedisError as exc:
+                self.pool.not_ready_reason = f"Redis is unreachable: {exc}"
+                log.warning("adapter routing: %s", exc)
+            except (OSError, AdapterError, ValueError) as exc:
                 log.warning("adapter routing: %s", exc)
             await asyncio.sleep(self.poll_s)
 

@@ -137,19 +137,19 @@ def test_every_part_on_its_own_host(tmp_path: Path, tiny_model: Path, fresh_pg_u
             texts = [ch["message"]["content"] for ch in data["choices"]]
             if len(texts[0]) == len(texts[1]):
                 continue
-            feedback_id = str(uuid.uuid4())
+            feedback_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"cluster-vote-{i}"))  # the same split every run
             preference = 0 if len(texts[0]) < len(texts[1]) else 1
             first = vote(b, data, preference, user, feedback_id)
             assert first.status_code == 202, first.text  # a token issued by one gateway, accepted by the other
             again = vote(a, data, preference, user, feedback_id)
             assert again.status_code in (200, 202), again.text
             ids.append(feedback_id)
-            if len(ids) == 24:
+            if len(ids) == 40:
                 break
-        assert len(ids) == 24
-        wait_until("24 votes stored", lambda: stored_feedback(c.pg_url, ids) == 24, 60, workers)
+        assert len(ids) == 40  # as many as the loop test: enough for the gate to decide on held-out pairs
+        wait_until("40 votes stored", lambda: stored_feedback(c.pg_url, ids) == 40, 60, workers)
         time.sleep(1.0)
-        assert stored_feedback(c.pg_url, ids) == 24  # two workers, two submissions each: every vote once
+        assert stored_feedback(c.pg_url, ids) == 40  # two workers, two submissions each: every vote once
 
         # 2. a round on the trainer host, published to the store, loaded by each vLLM host from its own copy
         resp = httpx.post(f"{g2.url}/admin/train", headers=AUTH, timeout=30)
