@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from deploy.local.process import free_port
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
 from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
@@ -239,7 +240,7 @@ class Cluster:
         host_dir.mkdir(parents=True, exist_ok=True)
         hosts_file = host_dir / "etc-hosts"
         hosts_file.touch()
-        port = free_port_v4()
+        port = free_port()
         variables = self.shared_env(host_dir) | {
             "PAIRLOOP_VLLM_URLS": f"dns+http://{POOL_NAME}:{self.port}",
             "PAIRLOOP_VLLM_DISCOVERY_S": "0.5",
@@ -294,12 +295,6 @@ class Cluster:
 
 def vllm_address(n: int) -> str:
     return f"127.0.0.{n + 1}"
-
-
-def free_port_v4() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _join(cmd: list[str]) -> str:
