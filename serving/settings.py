@@ -24,6 +24,9 @@ ALL_SCOPES: tuple[Scope, ...] = ("chat", "feedback", "admin")
 
 ENV_PREFIX = "PAIRLOOP_"
 
+PLACEHOLDER = "replace-me"
+"""How every example secret in deploy/ begins; a setting that still holds one is refused."""
+
 
 def default_data_dir() -> Path:
     """`$XDG_DATA_HOME/pairloop`, or `~/.local/share/pairloop`."""
@@ -64,6 +67,22 @@ class PairloopSettings(BaseSettings):
         default_factory=dict,
         description='JSON fsspec options of the adapter store, e.g. {"endpoint_url": "http://s3:9000"}.',
     )
+
+    @model_validator(mode="after")
+    def _no_placeholders(self) -> PairloopSettings:
+        """Refuse the example values of deploy/pairloop.env.example and deploy/k8s (a copy applied unchanged)."""
+        values: dict[str, object] = {
+            name: getattr(self, name)
+            for name in ("database_url", "redis_url", "adapter_store_options", "secret", "api_keys")
+            if hasattr(self, name)
+        }
+        for name, value in values.items():
+            if PLACEHOLDER in str(value):
+                raise ValueError(
+                    f"{ENV_PREFIX}{name.upper()} still holds an example value ('{PLACEHOLDER}…'): set a real one "
+                    "(docs/DEPLOY.md, 'Secrets')"
+                )
+        return self
 
     def store_url(self) -> str:
         """The preference store's SQLAlchemy URL."""
@@ -158,6 +177,13 @@ class ServingSettings(PairloopSettings):
     )
     vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="KV cache size of the CPU engine, in GiB.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.5,
+        gt=0,
+        le=0.95,
+        description="Share of the GPU's memory the CUDA engine may take (weights and KV cache); the rest is left "
+        "to the trainer on a shared GPU (docs/DEPLOY.md, 'Sizing'). Ignored by the CPU engine.",
+    )
     vllm_extra_args: str = Field("", description="Extra command-line arguments for the vLLM child.")
 
     def rate_limits(self) -> dict[str, RateLimit]:

@@ -3,12 +3,13 @@
 `pairloop up` runs every part on one machine. Across machines each host runs one of these (docs/DEPLOY.md):
 gateways (`pairloop gateway`, as many as needed), vLLM hosts (`pairloop vllm` with `pairloop adapter-sync`
 beside it), feedback workers (`pairloop worker`), one training worker (`pairloop worker --training`) and
-one `pairloop cron`.
+one `pairloop cron`. `pairloop health` is the containers' health check (the image has no curl).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.command()(gateway)
     app.command()(vllm)
     app.command("adapter-sync")(adapter_sync)
+    app.command()(health)
 
 
 def _serving_settings(**overrides: object) -> ServingSettings:
@@ -69,25 +71,15 @@ def vllm(
 ) -> None:
     """Run the vLLM server of one vLLM host (model: PAIRLOOP_MODEL, or the embedded tiny model built into the
     data dir), restarted if it dies. Beside it, run `pairloop adapter-sync`."""
-    from deploy.local.engine import EngineConfig, EngineProcess
+    from deploy.local.engine import EngineProcess, engine_config
     from deploy.local.stack import resolve_model
 
     setup_logging()
     settings = _serving_settings()
     model, name = resolve_model(settings)
     engine = EngineProcess(
-        EngineConfig(
-            model=model,
-            served_model_name=name,
-            host=host,
-            port=port,
-            max_model_len=settings.vllm_max_model_len,
-            max_loras=settings.vllm_max_loras,
-            max_lora_rank=settings.vllm_max_lora_rank,
-            kv_cache_gib=settings.vllm_kv_cache_gib,
-            extra_args=settings.vllm_extra_args.split(),
-            log_path=settings.data_dir / "logs" / "vllm.log",
-            echo=lambda line: typer.echo(f"[vllm] {line}", err=True),
+        engine_config(
+            settings, model, name, host=host, port=port, echo=lambda line: typer.echo(f"[vllm] {line}", err=True)
         )
     )
     stop = threading.Event()
@@ -139,3 +131,22 @@ def adapter_sync(
             await AdapterSync(redis, store, vllm_url, directory, interval_s=interval_s).run(stop)
 
     asyncio.run(main())
+
+
+def health(
+    url: Annotated[
+        str | None,
+        typer.Argument(help="URL to probe; default: this host's gateway, http://127.0.0.1:$PAIRLOOP_PORT/healthz."),
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 5.0,
+) -> None:
+    """Exit 0 when URL answers 200, 1 otherwise (a container's health check: docs/DEPLOY.md)."""
+    import httpx
+
+    target = url or f"http://127.0.0.1:{os.environ.get('PAIRLOOP_PORT', '8000')}/healthz"
+    try:
+        status = httpx.get(target, timeout=timeout_s).status_code
+    except httpx.HTTPError as exc:
+        fail(f"{target}: {exc!r}")
+    if status != 200:
+        fail(f"{target}: HTTP {status}")

@@ -26,8 +26,12 @@ from pathlib import Path
 import httpx
 
 from deploy.local.process import Supervised, free_port, spawn
+from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
+
+HEALTH_PATH = "/health"
+"""vLLM's liveness route: what `wait_ready` polls and the container probes of deploy/ ask."""
 
 
 def is_cpu_engine() -> bool:
@@ -50,10 +54,38 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.5
+    """`--gpu-memory-utilization` of the CUDA engine: its share of the GPU, the rest left to the trainer."""
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     echo: Callable[[str], None] | None = None
     """Called with each output line of vLLM (for a prefixed console log); the log file gets them too."""
+
+
+def engine_config(
+    settings: ServingSettings,
+    model: str,
+    served_model_name: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    echo: Callable[[str], None] | None = None,
+) -> EngineConfig:
+    """The vLLM server `settings` ask for (`pairloop up`'s child and `pairloop vllm` alike)."""
+    return EngineConfig(
+        model=model,
+        served_model_name=served_model_name,
+        host=host,
+        port=port,
+        max_model_len=settings.vllm_max_model_len,
+        max_loras=settings.vllm_max_loras,
+        max_lora_rank=settings.vllm_max_lora_rank,
+        kv_cache_gib=settings.vllm_kv_cache_gib,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        extra_args=settings.vllm_extra_args.split(),
+        log_path=settings.data_dir / "logs" / "vllm.log",
+        echo=echo,
+    )
 
 
 class EngineProcess:
@@ -105,6 +137,8 @@ class EngineProcess:
             cmd += ["--max-model-len", str(c.max_model_len)]
         if is_cpu_engine():
             cmd += ["--dtype", "float32"]
+        else:
+            cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
         return cmd + c.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -132,7 +166,7 @@ class EngineProcess:
             if self.child.exited():
                 return False
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}{HEALTH_PATH}", timeout=2.0).status_code == 200:
                     return True
             time.sleep(0.5)
         return False

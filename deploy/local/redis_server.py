@@ -34,6 +34,11 @@ def server_binary() -> str:
         return found
 
 
+DURABILITY = {"appendonly": "yes", "appendfsync": "always", "save": '""', "maxmemory-policy": "noeviction"}
+"""What the queues need of any Redis-compatible server, the embedded one and the Valkey of deploy/compose.yaml
+and deploy/k8s alike (tests/test_shipping.py checks those): every write in the AOF before the reply, no eviction."""
+
+
 class EmbeddedRedis:
     def __init__(
         self,
@@ -64,10 +69,7 @@ class EmbeddedRedis:
                     "protected-mode yes",
                     f'requirepass "{self.password}"',
                     f'dir "{self.dir}"',
-                    "appendonly yes",
-                    f"appendfsync {self.appendfsync}",
-                    'save ""',
-                    "maxmemory-policy noeviction",
+                    *(f"{k} {v}" for k, v in (DURABILITY | {"appendfsync": self.appendfsync}).items()),
                     "daemonize no",
                     'logfile ""',
                 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from deploy.app.gateway import build_app
-from deploy.local.engine import EngineConfig, EngineProcess
+from deploy.local.engine import EngineProcess, engine_config
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.local.secrets import load_or_create, write_private
 from deploy.local.workers import WorkerProcess
@@ -154,17 +154,8 @@ def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = Tru
         if not settings.vllm_urls:
             model, name = resolve_model(settings)
             stack.engine = EngineProcess(
-                EngineConfig(
-                    model=model,
-                    served_model_name=name,
-                    port=settings.vllm_port,
-                    max_model_len=settings.vllm_max_model_len,
-                    max_loras=settings.vllm_max_loras,
-                    max_lora_rank=settings.vllm_max_lora_rank,
-                    kv_cache_gib=settings.vllm_kv_cache_gib,
-                    extra_args=settings.vllm_extra_args.split(),
-                    log_path=data_dir / "logs" / "vllm.log",
-                    echo=_echo("vllm") if echo_children else None,
+                engine_config(
+                    settings, model, name, port=settings.vllm_port, echo=_echo("vllm") if echo_children else None
                 )
             )
             stack.engine.start()
