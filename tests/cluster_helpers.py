@@ -1,17 +1,23 @@
-"""The topology of docs/DEPLOY.md on one machine: every "host" a process group with its own data dir, on loopback.
+"""deploy/compose.yaml's topology on one machine: every "host" a process group with its own data dir, on loopback.
+
+Each pairloop host runs its compose service's command with its compose environment; what names another host
+(`valkey:6379`, `postgres`, `s3:8333`, `vllm-1:8001`) or a path in a container is swapped for this machine's
+(WIRING, and the address flags in `_localize`), and the test's own settings (TEST_ENV) go on top. So the compose
+file and the tested topology cannot drift apart: a command that changes there changes here.
 
     valkey                    the shared Redis-compatible server (a real valkey-server)
     s3                        SeaweedFS's S3 gateway: the adapter store (tests/s3_server.py)
     PostgreSQL                the machine's, a database of its own
-    vllm-N (127.0.0.N+1:P)    `pairloop vllm` + `pairloop adapter-sync`, its own adapter directory and model copy
+    migrate, model            the one-shots, run before the hosts start (`db upgrade`, `model build-tiny`)
+    vllm-N (127.0.0.N+1:P)    `pairloop vllm` + `pairloop adapter-sync`, its own adapter directory
     gateway-N                 `pairloop gateway`, with its own /etc/hosts (a private mount namespace) that names
                               the vLLM hosts `vllm-pool`: PAIRLOOP_VLLM_URLS=dns+http://vllm-pool:P
     worker-N                  `pairloop worker` (feedback)
-    trainer                   `pairloop worker --training`, its own model copy and adapters dir
+    trainer                   `pairloop worker --training`, its own adapters dir
     cron                      `pairloop cron`
 
-No two hosts share a path: the vLLM hosts get adapters only through the store and their sidecars. Used by
-tests/test_cluster.py and bench/cluster.py.
+No two hosts share a path but the base model (read-only, as compose's `models` volume): the vLLM hosts get
+adapters only through the store and their sidecars. Used by tests/test_cluster.py and bench/cluster.py.
 """
 
 from __future__ import annotations
@@ -34,11 +40,38 @@ import httpx
 
 from deploy.local.process import free_port
 from deploy.local.redis_server import EmbeddedRedis
-from deploy.migrations import upgrade
+from tests import compose_file
 from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
-from tests.s3_server import SeaweedS3
+from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 POOL_NAME = "vllm-pool"
+VALKEY_PASSWORD = "cluster-valkey-password"
+
+COMPOSE_VARIABLES = {
+    "REDIS_PASSWORD": VALKEY_PASSWORD,
+    "POSTGRES_PASSWORD": "unused-the-cluster-uses-its-own-database",
+    "PAIRLOOP_SECRET": SECRET,
+    "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
+    "S3_ACCESS_KEY": ACCESS_KEY,
+    "S3_SECRET_KEY": SECRET_KEY,
+}
+"""The env file the cluster gives deploy/compose.yaml."""
+
+WIRING = (
+    "PAIRLOOP_REDIS_URL",
+    "PAIRLOOP_DATABASE_URL",
+    "PAIRLOOP_ADAPTER_STORE_URL",
+    "PAIRLOOP_ADAPTER_STORE_OPTIONS",
+    "PAIRLOOP_VLLM_URLS",
+    "PAIRLOOP_MODEL",
+)
+"""Compose variables that name other hosts or container paths: a host here gets this machine's value instead
+(only where its compose service sets the variable)."""
+
+COMPOSE_HOSTS = ("migrate", "model", "vllm-1", "vllm-1-sync", "vllm-2", "vllm-2-sync", "gateway-1", "gateway-2")
+COMPOSE_HOSTS += ("worker", "trainer", "cron")
+"""Every pairloop service of deploy/compose.yaml, each of which the cluster runs (tests/test_shipping.py checks
+the list against the file)."""
 
 TRAINER_ENV = {
     "PAIRLOOP_AB_FRACTION": "0",
@@ -54,6 +87,35 @@ TRAINER_ENV = {
     "PAIRLOOP_TRAIN__SEED": "0",
     "PAIRLOOP_CHECK_INTERVAL_S": "3600",  # rounds in the test are started by POST /admin/train
 }
+"""The test's settings for the trainer and cron: a gate that 40 votes can pass, rounds started by the test."""
+
+GATEWAY_ENV = {
+    "PAIRLOOP_VLLM_DISCOVERY_S": "0.5",
+    "PAIRLOOP_HEALTH_INTERVAL_S": "0.5",
+    "PAIRLOOP_ADAPTER_POLL_S": "0.1",
+}
+"""The test's settings for the gateways: faster discovery and polling, to measure in seconds."""
+
+
+def compose_service(name: str) -> tuple[list[str], dict[str, str]]:
+    """A pairloop service of deploy/compose.yaml: its command (after `pairloop`) and its environment."""
+    service = compose_file.pairloop_services(compose_file.load(COMPOSE_VARIABLES))[name]
+    env = compose_file.environment(service)
+    for key, value in env.items():
+        if key not in WIRING:
+            hosts = [h for h in ("valkey:", "postgres:", "s3:", "vllm-") if h in value]
+            assert not hosts, f"compose {name}: {key} names another host ({hosts}): add it to WIRING"
+    return list(service["command"]), env
+
+
+def _localize(name: str, command: list[str], **flags: str) -> list[str]:
+    """`command` with the value of each `--flag` replaced (each must be in the compose command)."""
+    out = list(command)
+    for flag, value in flags.items():
+        option = "--" + flag.replace("_", "-")
+        assert option in out, f"compose {name}: `{' '.join(command)}` has no {option}"
+        out[out.index(option) + 1] = value
+    return out
 
 
 def can_isolate_hosts() -> bool:
@@ -148,42 +210,65 @@ class Cluster:
     port: int = 0
     hosts: dict[str, Host] = field(default_factory=dict)
     pool: list[str] = field(default_factory=list)
+    ran: set[str] = field(default_factory=set)
+    """The compose services this cluster has run."""
     """The addresses `vllm-pool` resolves to on every gateway host."""
 
     # -- shared services -------------------------------------------------------------------------
 
     def start_services(self) -> None:
-        self.valkey = EmbeddedRedis(self.root / "valkey", "cluster-valkey-password")
+        self.valkey = EmbeddedRedis(self.root / "valkey", VALKEY_PASSWORD)
         self.valkey.start()
         self.s3 = SeaweedS3(self.root / "s3")
         self.s3.start()
-        upgrade(self.pg_url)  # once, by the operator (`pairloop db upgrade`), before the hosts start
         self.port = pool_port([vllm_address(i) for i in range(1, 4)])
+        for one_shot in ("migrate", "model"):  # before the hosts, as compose orders them
+            self.run_once(one_shot)
 
     @property
     def redis_url(self) -> str:
         assert self.valkey is not None
         return self.valkey.url
 
-    def shared_env(self, data_dir: Path) -> dict[str, str]:
+    @property
+    def models(self) -> Path:
+        """The base model, read by the vLLM hosts and the trainer (compose's `models` volume)."""
+        return self.root / "models" / "tiny"
+
+    def wiring(self) -> dict[str, str]:
         assert self.s3 is not None
-        return _clean_env() | {
-            "PAIRLOOP_DATA_DIR": str(data_dir),
+        return {
             "PAIRLOOP_REDIS_URL": self.redis_url,
             "PAIRLOOP_DATABASE_URL": self.pg_url,
-            "PAIRLOOP_SECRET": SECRET,
-            "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
             "PAIRLOOP_ADAPTER_STORE_URL": self.s3.url,
             "PAIRLOOP_ADAPTER_STORE_OPTIONS": json.dumps(self.s3.options()),
-            "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME,
+            "PAIRLOOP_VLLM_URLS": f"dns+http://{POOL_NAME}:{self.port}",
+            "PAIRLOOP_MODEL": str(self.models),
         }
 
-    def _model_copy(self, host_dir: Path) -> Path:
-        """The base model on this host's own disk (as its image or volume would hold it)."""
-        target = host_dir / "model"
-        if not target.exists():
-            shutil.copytree(self.tiny_model, target)
-        return target
+    def host_env(self, service: str, data_dir: Path, **extra: str) -> dict[str, str]:
+        """The environment of compose `service` on this machine: its own variables, this machine's wiring
+        for the ones that name hosts, its data dir, then `extra` (the test's settings)."""
+        _, env = compose_service(service)
+        self.ran.add(service)
+        wiring = self.wiring()
+        local = {k: wiring[k] if k in WIRING else v for k, v in env.items()}
+        return _clean_env() | local | {"PAIRLOOP_DATA_DIR": str(data_dir)} | extra
+
+    def run_once(self, service: str) -> None:
+        """A one-shot compose service (the migration, the model build), run to completion."""
+        command, _ = compose_service(service)
+        if service == "model":
+            if not self.models.exists():
+                self.models.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(self.tiny_model, self.models)  # the session's build: `build-tiny` finds it cached
+            command = _localize(service, command, out=str(self.models))
+        host_dir = self.root / service
+        host_dir.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(
+            self._pairloop(*command), env=self.host_env(service, host_dir), capture_output=True, text=True, check=False
+        )
+        assert out.returncode == 0, f"compose {service}: `pairloop {' '.join(command)}` failed:\n{out.stderr[-3000:]}"
 
     # -- hosts -----------------------------------------------------------------------------------
 
@@ -191,33 +276,35 @@ class Cluster:
         return [sys.executable, "-m", "deploy", *args]
 
     def add_vllm(self, n: int, *, with_sync: bool = True) -> Host:
-        """vLLM host `n` (address 127.0.0.{n+1}): `pairloop vllm` and its `pairloop adapter-sync`, one process
-        group (`with_sync=False`: the sidecar later, by `add_sync`)."""
+        """vLLM host `n` (address 127.0.0.{n+1}): compose's `vllm-N` and `vllm-N-sync`, one process group
+        (`with_sync=False`: the sidecar later, by `add_sync`). A host beyond the file's copies its last one."""
         name = f"vllm-{n}"
+        service = _compose_vllm(n)
         host_dir = self.root / name
         host_dir.mkdir(parents=True, exist_ok=True)
         address = vllm_address(n)
         url = f"http://{address}:{self.port}"
-        env = self.shared_env(host_dir) | {
-            "PAIRLOOP_MODEL": str(self._model_copy(host_dir)),
-            "PAIRLOOP_VLLM_KV_CACHE_GIB": "1",
-        }
-        vllm = _join(self._pairloop("vllm", "--host", address, "--port", str(self.port)))
+        command, _ = compose_service(service)
+        vllm = _join(self._pairloop(*_localize(service, command, host=address, port=str(self.port))))
         script = f"{vllm} & {_join(self._sync_command(n))} & wait" if with_sync else f"exec {vllm}"
-        host = Host(name, host_dir, ["sh", "-c", script], env, url=url)
+        host = Host(name, host_dir, ["sh", "-c", script], self.host_env(service, host_dir), url=url)
         self.hosts[name] = host
         host.start()
         return host
 
     def _sync_command(self, n: int) -> list[str]:
+        service = _compose_vllm(n) + "-sync"
+        command, _ = compose_service(service)
+        self.ran.add(service)  # beside vLLM in one process group, it has the vLLM service's environment
         url = f"http://{vllm_address(n)}:{self.port}"
         adapters = str(self.root / f"vllm-{n}" / "adapters")
-        return self._pairloop("adapter-sync", "--vllm-url", url, "--dir", adapters, "--interval-s", "0.2")
+        return self._pairloop(*_localize(service, command, vllm_url=url, dir=adapters), "--interval-s", "0.2")
 
     def add_sync(self, n: int) -> Host:
         """The adapter-sync of vLLM host `n`, started on its own (same host dir)."""
         vllm = self.hosts[f"vllm-{n}"]
-        host = Host(f"vllm-{n}-sync", vllm.dir, self._sync_command(n), vllm.env)
+        env = self.host_env(_compose_vllm(n) + "-sync", vllm.dir)
+        host = Host(f"vllm-{n}-sync", vllm.dir, self._sync_command(n), env)
         self.hosts[host.name] = host
         host.start()
         return host
@@ -235,21 +322,17 @@ class Cluster:
                     f.write("\n".join(lines) + "\n")
 
     def add_gateway(self, n: int, **env: str) -> Host:
+        """Compose's `gateway-N`, with its own /etc/hosts naming the vLLM pool (a private mount namespace)."""
         name = f"gateway-{n}"
         host_dir = self.root / name
         host_dir.mkdir(parents=True, exist_ok=True)
         hosts_file = host_dir / "etc-hosts"
         hosts_file.touch()
         port = free_port()
-        variables = self.shared_env(host_dir) | {
-            "PAIRLOOP_VLLM_URLS": f"dns+http://{POOL_NAME}:{self.port}",
-            "PAIRLOOP_VLLM_DISCOVERY_S": "0.5",
-            "PAIRLOOP_HEALTH_INTERVAL_S": "0.5",
-            "PAIRLOOP_ADAPTER_POLL_S": "0.1",
-            **env,
-        }
-        gateway = _join(self._pairloop("gateway", "--port", str(port)))
+        command, _ = compose_service(name)
+        gateway = _join(self._pairloop(*_localize(name, command, host="127.0.0.1", port=str(port))))
         script = f"mount --bind {hosts_file} /etc/hosts && exec {gateway}"
+        variables = self.host_env(name, host_dir, **GATEWAY_ENV, **env)
         host = Host(name, host_dir, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script], variables)
         host.url = f"http://127.0.0.1:{port}"
         self.hosts[name] = host
@@ -257,15 +340,14 @@ class Cluster:
         host.start()
         return host
 
-    def add_worker(self, name: str, *args: str, **env: str) -> Host:
+    def add_worker(self, name: str, service: str | None = None, **env: str) -> Host:
+        """Compose's `service` (default: `name`): a feedback worker, the trainer or cron."""
+        service = service or name
         host_dir = self.root / name
         host_dir.mkdir(parents=True, exist_ok=True)
-        variables = self.shared_env(host_dir) | dict(env)
-        if "--training" in args:
-            variables |= TRAINER_ENV | {"PAIRLOOP_MODEL": str(self._model_copy(host_dir))}
-        if args[:1] == ("cron",):
-            variables |= TRAINER_ENV
-        host = Host(name, host_dir, self._pairloop(*args), variables)
+        command, _ = compose_service(service)
+        extra = TRAINER_ENV if service in ("trainer", "cron") else {}
+        host = Host(name, host_dir, self._pairloop(*command), self.host_env(service, host_dir, **extra, **env))
         self.hosts[name] = host
         host.start()
         return host
@@ -291,6 +373,14 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{host.name} did not answer {path} in {timeout_s} s:\n{host.log_tail()}")
             time.sleep(0.25)
+
+
+def _compose_vllm(n: int) -> str:
+    """The compose service vLLM host `n` runs: `vllm-N`, or the file's last one for a host it does not have."""
+    names = sorted(
+        k for k, s in compose_file.load(COMPOSE_VARIABLES)["services"].items() if s.get("command", [""])[0] == "vllm"
+    )
+    return f"vllm-{n}" if f"vllm-{n}" in names else names[-1]
 
 
 def vllm_address(n: int) -> str:

@@ -1,5 +1,6 @@
-"""Every part on its own host (tests/cluster_helpers.py): two gateways, vLLM hosts that share no disk and come
-and go, two feedback workers, a trainer, a cron, Valkey, PostgreSQL and an S3-compatible adapter store.
+"""Every part on its own host, as deploy/compose.yaml lays them out (tests/cluster_helpers.py): two gateways,
+vLLM hosts that share no disk and come and go, two feedback workers, a trainer, a cron, Valkey, PostgreSQL and
+an S3-compatible adapter store.
 
 One test, in the order an operator would live it: chats and votes across gateways, stored once; a round trained
 on the trainer host, published to the store, copied by each vLLM host's sidecar and promoted; both gateways
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from feedback.store import Feedback
 from tests.cluster_helpers import (
+    COMPOSE_HOSTS,
     Host,
     SteadyLoad,
     backends,
@@ -114,8 +116,9 @@ def test_every_part_on_its_own_host(tmp_path: Path, tiny_model: Path, fresh_pg_u
         g1 = c.add_gateway(1, PAIRLOOP_CHAT_LIMIT_PER_USER=limit)
         g2 = c.add_gateway(2, PAIRLOOP_CHAT_LIMIT_PER_USER=limit)
         workers = [c.add_worker("worker-1", "worker"), c.add_worker("worker-2", "worker")]
-        trainer = c.add_worker("trainer", "worker", "--training")
-        c.add_worker("cron", "cron")
+        trainer = c.add_worker("trainer")
+        c.add_worker("cron")
+        assert c.ran == set(COMPOSE_HOSTS), "every pairloop service of deploy/compose.yaml runs here"
         everyone = [v1, v2, g1, g2, trainer, *workers]
         for g in (g1, g2):
             c.wait_http(g, "/readyz", timeout_s=420)
