@@ -41,7 +41,7 @@ import httpx
 from deploy.local.process import free_port
 from deploy.local.redis_server import EmbeddedRedis
 from tests import compose_file
-from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
+from tests.gateway_helpers import KEYS, LEARNING_ENV, MODEL_NAME, SECRET
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 POOL_NAME = "vllm-pool"
@@ -73,18 +73,7 @@ COMPOSE_HOSTS += ("worker", "trainer", "cron")
 """Every pairloop service of deploy/compose.yaml, each of which the cluster runs (tests/test_shipping.py checks
 the list against the file)."""
 
-TRAINER_ENV = {
-    "PAIRLOOP_AB_FRACTION": "0",
-    "PAIRLOOP_MIN_NEW_EXAMPLES": "8",
-    "PAIRLOOP_GATE_MIN_ACCURACY": "0.5",
-    "PAIRLOOP_GATE_MAX_LENGTH_RATIO": "100",
-    "PAIRLOOP_GATE_LENGTH_PROMPTS": "4",
-    "PAIRLOOP_HOLDOUT_FRACTION": "0.25",
-    "PAIRLOOP_MAX_USER_SHARE": "0.2",
-    "PAIRLOOP_TRAIN__LEARNING_RATE": "2e-3",
-    "PAIRLOOP_TRAIN__EPOCHS": "3",
-    "PAIRLOOP_TRAIN__MIN_PAIRS": "4",
-    "PAIRLOOP_TRAIN__SEED": "0",
+TRAINER_ENV = LEARNING_ENV | {
     "PAIRLOOP_CHECK_INTERVAL_S": "3600",  # rounds in the test are started by POST /admin/train
 }
 """The test's settings for the trainer and cron: a gate that 40 votes can pass, rounds started by the test."""

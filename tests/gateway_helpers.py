@@ -25,6 +25,23 @@ KEYS = {
     "feedback": ApiKey(id="fbonly", key="sk-feedback-0123456789ab", scopes=["feedback"]),
 }
 
+LEARNING_ENV = {
+    "PAIRLOOP_AB_FRACTION": "0",
+    "PAIRLOOP_MIN_NEW_EXAMPLES": "8",
+    "PAIRLOOP_GATE_MIN_ACCURACY": "0.5",
+    "PAIRLOOP_GATE_MAX_LENGTH_RATIO": "100",
+    "PAIRLOOP_GATE_LENGTH_PROMPTS": "4",
+    "PAIRLOOP_HOLDOUT_FRACTION": "0.25",
+    "PAIRLOOP_MAX_USER_SHARE": "0.2",
+    # A rate that learns decisively (5e-4 barely moved the tiny model: the gate's verdict was chance).
+    "PAIRLOOP_TRAIN__LEARNING_RATE": "2e-3",
+    "PAIRLOOP_TRAIN__EPOCHS": "3",
+    "PAIRLOOP_TRAIN__MIN_PAIRS": "4",
+    "PAIRLOOP_TRAIN__SEED": "0",
+}
+"""The trainer's settings in the learning-loop tests (test_loop, test_cluster): a round on a few dozen votes of
+the tiny model that learns, and a gate those votes can pass."""
+
 
 class ServerThread:
     """A real uvicorn server in a thread of the test process."""

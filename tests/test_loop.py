@@ -14,7 +14,7 @@ import redis
 from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
-from tests.gateway_helpers import MODEL_NAME, GatewayFactory
+from tests.gateway_helpers import LEARNING_ENV, MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends
 from trainer.errors import RoundBusy
 from trainer.queue import LOCK_KEY
@@ -36,18 +36,7 @@ def loop_env(
         "PAIRLOOP_DATA_DIR": str(tmp_path),
         "PAIRLOOP_DATABASE_URL": store,
         "PAIRLOOP_MODEL": str(tiny_model),
-        "PAIRLOOP_AB_FRACTION": "0",
-        "PAIRLOOP_MIN_NEW_EXAMPLES": "8",
-        "PAIRLOOP_GATE_MIN_ACCURACY": "0.5",
-        "PAIRLOOP_GATE_MAX_LENGTH_RATIO": "100",
-        "PAIRLOOP_GATE_LENGTH_PROMPTS": "4",
-        "PAIRLOOP_HOLDOUT_FRACTION": "0.25",
-        "PAIRLOOP_MAX_USER_SHARE": "0.2",
-        # A rate that learns decisively (5e-4 barely moved the tiny model: the gate's verdict was chance).
-        "PAIRLOOP_TRAIN__LEARNING_RATE": "2e-3",
-        "PAIRLOOP_TRAIN__EPOCHS": "3",
-        "PAIRLOOP_TRAIN__MIN_PAIRS": "4",
-        "PAIRLOOP_TRAIN__SEED": "0",
+        **LEARNING_ENV,
     }.items():
         monkeypatch.setenv(key, value)
     training.configure(redis_url)
