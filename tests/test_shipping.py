@@ -363,8 +363,9 @@ def test_compose_start_order(rendered: dict[str, list[dict[str, Any]]]) -> None:
 def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
     rendered: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lora_rank = TrainConfig().lora_r
     for docs in rendered.values():
+        trainer = container(find(docs, "Deployment", "trainer"), "trainer")
+        lora_rank = int(container_env(docs, trainer).get("PAIRLOOP_TRAIN__LORA_R", TrainConfig().lora_r))
         deployment = find(docs, "Deployment", "vllm")
         vllm = container(deployment, "vllm")
         sync = container(deployment, "adapter-sync")
@@ -406,7 +407,13 @@ def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
     }
     engines = {n: s for n, s in services.items() if s.get("command", [""])[0] == "vllm"}
     assert len(engines) >= 2 and len(gateway_urls) >= 2
+    trainer_rank = int(
+        compose_file.environment(services["trainer"]).get("PAIRLOOP_TRAIN__LORA_R", TrainConfig().lora_r)
+    )
     for name, engine_service in engines.items():
+        env = filled(compose_file.environment(engine_service))
+        engine = EngineProcess(engine_config(settings_from(ServingSettings, env, monkeypatch), "/m", "m", port=1))
+        assert int(option(engine.command(), "--max-lora-rank")) >= trainer_rank
         url = f"http://{name}:{option(engine_service['command'], '--port')}"
         for urls in gateway_urls.values():
             assert url in urls
