@@ -146,6 +146,13 @@ class ServingSettings(PairloopSettings):
     upstream_timeout_s: float = Field(300.0, gt=0, description="Longest wait for one vLLM response.")
     health_interval_s: float = Field(1.0, gt=0, description="How often each vLLM backend is probed.")
     retry_after_s: int = Field(5, ge=1, description="`Retry-After` sent with 503 answers.")
+    shutdown_timeout_s: float = Field(
+        10.0,
+        ge=1,
+        le=600,
+        description="After SIGTERM or Ctrl-C: how long requests in flight may finish, then how long the children "
+        "of `pairloop up` may take to stop before they are killed; a second signal stops at once.",
+    )
     adapter_poll_s: float = Field(
         0.1, gt=0, le=10, description="How often the gateway reads the adapter routing record from Redis."
     )

@@ -168,6 +168,12 @@ class Supervised:
         if self.proc:
             signal_group(self.proc, sig)
 
+    def kill_now(self) -> None:
+        """Stop for good at once: SIGKILL to the child's group, no restart (a second Ctrl-C)."""
+        self._stopping.set()
+        if self.proc:
+            signal_group(self.proc, signal.SIGKILL)
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """Stop for good: SIGTERM to the child's group, SIGKILL after `timeout_s`; its exit status."""
         with self._lock:

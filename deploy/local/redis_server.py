@@ -102,6 +102,6 @@ class EmbeddedRedis:
             finally:
                 client.close()
 
-    def stop(self) -> None:
-        """SIGTERM: Valkey flushes the AOF and exits."""
-        self.child.stop(10.0)
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM: Valkey flushes the AOF and exits (with `appendfsync always` there is nothing left to lose)."""
+        self.child.stop(timeout_s)

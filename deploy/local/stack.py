@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -25,6 +30,9 @@ from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
 log = logging.getLogger("pairloop")
 
 TINY_MODEL_NAME = "pairloop-tiny"
+APP_SHUTDOWN_S = 3.0
+"""Beyond the requests' grace: how long the application's own shutdown (closing clients, stopping its loops)
+may take before the process goes on stopping anyway."""
 DEV_KEY_ID = "dev"
 
 
@@ -56,20 +64,52 @@ class Stack:
     dev_key: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    def stop(self) -> None:
-        # The worker first (it finishes its job), Redis last (the worker and gateway need it to the end).
-        for worker in self.workers:
-            worker.stop()
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop every child within a bound: the workers and vLLM together (SIGTERM; SIGKILL after `timeout_s`),
+        then Redis (the workers need it to the end)."""
+        timeout = self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
+        stoppers: list[Callable[[], object]] = [functools.partial(w.stop, timeout) for w in self.workers]
         if self.engine:
-            self.engine.stop()
+            stoppers.append(functools.partial(self.engine.stop, timeout))
+        threads = [threading.Thread(target=stop, daemon=True) for stop in stoppers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 5)
         if self.redis:
             _redis_url_file(self.settings.data_dir).unlink(missing_ok=True)
-            self.redis.stop()
+            self.redis.stop(min(timeout, 5.0))
+
+    def kill(self) -> None:
+        """SIGKILL every child now (a second signal)."""
+        children = [w.child for w in self.workers] + [c.child for c in (self.engine, self.redis) if c]
+        for child in children:
+            child.kill_now()
+        if self.redis:
+            _redis_url_file(self.settings.data_dir).unlink(missing_ok=True)
 
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM after its shutdown, which would kill this process before it stops the
-    children it started. Here the signals only ask the server to exit; `run` then stops the children."""
+    children it started. Here the first signal asks the server to exit (requests in flight get
+    `timeout_graceful_shutdown` seconds, the application's shutdown a few more); `run` then stops the children.
+    A second signal, SIGINT or SIGTERM, stops everything at once: `on_second_signal`."""
+
+    def __init__(self, config: uvicorn.Config, on_second_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_second_signal = on_second_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.on_second_signal()
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        bound = (self.config.timeout_graceful_shutdown or 0) + APP_SHUTDOWN_S
+        try:
+            await asyncio.wait_for(super().shutdown(sockets), bound)
+        except TimeoutError:
+            log.error("the gateway did not finish shutting down within %.0f s; stopping anyway", bound)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -191,8 +231,23 @@ def banner(stack: Stack) -> str:
 
 
 def run(settings: ServingSettings, *, workers: int = 1, training: bool = True) -> None:
-    """Start everything, serve until SIGINT/SIGTERM, then stop every child that was started."""
-    stack = prepare(settings, workers=workers, training=training)
+    """Start everything, serve until SIGINT/SIGTERM, then stop every child that was started.
+
+    Bounded whatever it is doing: a signal while the children start (the tiny model's build, vLLM's start) stops
+    what was started; after one while serving, requests in flight get PAIRLOOP_SHUTDOWN_TIMEOUT_S, then the
+    children as long again (about twice that, plus a few seconds, in all); a second signal kills them all at
+    once."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # SIGINT already raises KeyboardInterrupt
+    try:
+        stack = prepare(settings, workers=workers, training=training)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    def stop_now() -> None:
+        log.warning("second signal: stopping every child now")
+        stack.kill()
+        os._exit(130)
+
     try:
         app = build_app(stack.settings)
         if stack.engine:
@@ -209,9 +264,20 @@ def run(settings: ServingSettings, *, workers: int = 1, training: bool = True) -
         else:
             print(banner(stack), file=sys.stderr, flush=True)
         config = uvicorn.Config(
-            app, host=stack.settings.host, port=stack.settings.port, log_level="info", access_log=False
+            app,
+            host=stack.settings.host,
+            port=stack.settings.port,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=int(stack.settings.shutdown_timeout_s) or 1,
         )
-        _Server(config).run()
+        _Server(config, on_second_signal=stop_now).run()
     finally:
         log.info("stopping")
+        signal.signal(signal.SIGINT, lambda *_: stop_now())
+        signal.signal(signal.SIGTERM, lambda *_: stop_now())
         stack.stop()
+
+
+def _exit_on_sigterm(sig: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + sig)

@@ -52,6 +52,7 @@ class WorkerProcess:
     def start(self) -> None:
         self.child.start()
 
-    def stop(self) -> None:
-        """SIGTERM: RQ finishes the job at hand, then exits (SIGKILL after 20 s)."""
-        self.child.stop(20.0)
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM: RQ finishes the job at hand, then exits (SIGKILL after `timeout_s`; a training round cut
+        short is retried by the next check)."""
+        self.child.stop(timeout_s)

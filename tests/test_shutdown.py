@@ -1,0 +1,181 @@
+"""`pairloop up` and `pairloop gateway` stop within a bound after SIGTERM, whatever they are doing, and a second
+signal stops them at once.
+
+A client that has sent a request's headers but not its body holds uvicorn's graceful shutdown for as long as it
+likes (uvicorn's default waits for every connection): PAIRLOOP_SHUTDOWN_TIMEOUT_S bounds it. `pairloop up`
+under chat load stops its children too, and leaves none behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from deploy.local.engine import EngineProcess
+from deploy.local.process import free_port
+from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
+
+KEY = KEYS["full"].key
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PAIRLOOP_")}
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
+def _stuck_request(port: int) -> socket.socket:
+    """A client that sends a chat request's headers and the start of its body, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b'{"model": ')
+    return sock
+
+
+@pytest.fixture
+def gateway_process(
+    engine: EngineProcess, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`pairloop gateway` over the session's vLLM server; (process, port). PAIRLOOP_SHUTDOWN_TIMEOUT_S is 2."""
+    port = free_port()
+    env = _clean_env() | {
+        "PAIRLOOP_DATA_DIR": str(tmp_path),
+        "PAIRLOOP_VLLM_URLS": engine.url,
+        "PAIRLOOP_REDIS_URL": redis_url,
+        "PAIRLOOP_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+        "PAIRLOOP_SECRET": SECRET,
+        "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
+        "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME,
+        "PAIRLOOP_SHUTDOWN_TIMEOUT_S": "2",
+    }
+    subprocess.run([sys.executable, "-m", "deploy", "db", "upgrade"], env=env, check=True, capture_output=True)
+    log = (tmp_path / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy", "gateway", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/healthz", proc, 60)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+
+
+def test_a_gateway_stops_within_its_grace_while_a_client_holds_a_request(
+    gateway_process: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    proc, port = gateway_process
+    sock = _stuck_request(port)
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+    took = time.monotonic() - started
+    sock.close()
+    assert code == 0
+    # 2 s of grace for the stuck request, then the application's shutdown: well inside twice that plus 5 s.
+    assert 1.5 <= took < 9, f"stopped {took:.1f} s after SIGTERM"
+
+
+def test_a_second_signal_stops_a_gateway_at_once(gateway_process: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, port = gateway_process
+    sock = _stuck_request(port)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+    took = time.monotonic() - started
+    sock.close()
+    assert code == 130
+    assert took < 1.5, f"stopped {took:.1f} s after the second signal (the grace is 2 s)"
+
+
+def test_pairloop_up_stops_under_load_and_leaves_no_child(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = _clean_env() | {
+        "PAIRLOOP_DATA_DIR": str(tmp_path),
+        "PAIRLOOP_MODEL": str(tiny_model),
+        "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME,
+        "PAIRLOOP_SHUTDOWN_TIMEOUT_S": "3",
+        "PAIRLOOP_CHAT_LIMIT_PER_USER": '{"per_s": 0, "burst": 1}',
+    }
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy", "up", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    stop = threading.Event()
+    answered: list[int] = []
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/readyz", proc, 300)
+        key = (tmp_path / "secrets" / "dev-api-key").read_text().strip()
+
+        def client(i: int) -> None:
+            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"Tea {i}?"}], "max_tokens": 64}
+            with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as c:
+                while not stop.is_set():
+                    try:
+                        with c.stream(
+                            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body | {"stream": True}
+                        ) as r:
+                            for _ in r.iter_bytes():
+                                pass
+                            answered.append(r.status_code)
+                    except httpx.HTTPError:
+                        answered.append(0)
+                        time.sleep(0.1)
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        while answered.count(200) < 3:
+            assert proc.poll() is None
+            time.sleep(0.1)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "vllm" in names and "worker" in names and "valkey" in names, names
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    # 3 s for requests in flight and the application, then the children (vLLM, workers, cron) together, then Redis.
+    assert took < 2 * 3 + 5 + 5, f"stopped {took:.1f} s after SIGTERM"
+    time.sleep(0.5)
+    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [" ".join(c.cmdline()) for c in left]
