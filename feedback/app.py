@@ -34,7 +34,7 @@ def extension(feedback: FeedbackSettings) -> Extension:
             app.state.redis,
             queue,
             app.state.limiter,
-            settings.secret.encode(),
+            settings.token_secrets(),
             app.state.metrics.registry,
             retry_after_s=settings.retry_after_s,
         )

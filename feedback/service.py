@@ -50,7 +50,7 @@ class FeedbackService:
         redis: Redis,
         queue: FeedbackQueue,
         limiter: RateLimiter,
-        secret: bytes,
+        secret: bytes | tuple[bytes, ...],
         registry: CollectorRegistry,
         *,
         retry_after_s: int = 5,

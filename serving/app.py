@@ -21,7 +21,7 @@ from serving.chat import ChatService
 from serving.errors import AdapterError, install_handlers
 from serving.follower import AdapterRouter
 from serving.metrics import Metrics
-from serving.middleware import BodyLimit, RequestMetrics
+from serving.middleware import Authenticate, BodyLimit, RequestMetrics
 from serving.ratelimit import RateLimiter
 from serving.settings import ServingSettings
 from serving.vllm_admin import VllmAdmin
@@ -107,7 +107,8 @@ def create_app(
                 await admin_client.aclose()
                 await redis.aclose()
 
-    app = FastAPI(title="pairloop", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # No docs page here: deploy/app/pages.py serves Swagger UI from local files (FastAPI's loads it from a CDN).
+    app = FastAPI(title="pairloop", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     app.state.keyring = keyring
     app.state.settings = settings
@@ -115,4 +116,5 @@ def create_app(
     app.include_router(router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate, keyring=keyring)  # outermost: the caller is known before any body is read
     return app

@@ -1,4 +1,4 @@
-"""ASGI middleware: the body size limit and per-route request metrics."""
+"""ASGI middleware: authentication before the body is read, the body size limit, per-route request metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +7,42 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import PayloadTooLarge
+from serving.auth import KeyRing
+from serving.errors import PayloadTooLarge, ServingError, Unauthorized
 from serving.metrics import Metrics
+
+PROTECTED_PREFIXES = ("/v1/", "/admin/")
+"""Every route under these takes an API key (each checks its scope); the others (health, metrics, pages, docs)
+take none. tests/test_hardening.py checks the app's routes against this."""
+
+
+async def send_error(send: Send, err: ServingError) -> None:
+    """Answer `err` in OpenAI's error shape, from middleware (before any route runs)."""
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers().items()]
+    await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Authenticate:
+    """Know the caller before anything reads the body: a request to a protected route without a valid API key
+    is answered 401 here, so that a malformed body from an unknown caller learns nothing (and costs nothing to
+    parse). The route's dependency checks the key's scope (403) as before."""
+
+    def __init__(self, app: ASGIApp, keyring: KeyRing) -> None:
+        self.app = app
+        self.keyring = keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.keyring.open and scope["path"].startswith(PROTECTED_PREFIXES):
+            authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+            try:
+                self.keyring.authenticate(authorization.decode("latin-1") if authorization is not None else None)
+            except Unauthorized as err:
+                await send_error(send, err)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -62,11 +96,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        err = PayloadTooLarge(f"Request body is over this server's limit of {self.max_bytes} bytes.")
-        body = json.dumps(err.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, PayloadTooLarge(f"Request body is over this server's limit of {self.max_bytes} bytes."))
 
 
 class RequestMetrics:

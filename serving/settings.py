@@ -73,7 +73,7 @@ class PairloopSettings(BaseSettings):
         """Refuse the example values of deploy/pairloop.env.example and deploy/k8s (a copy applied unchanged)."""
         values: dict[str, object] = {
             name: getattr(self, name)
-            for name in ("database_url", "redis_url", "adapter_store_options", "secret", "api_keys")
+            for name in ("database_url", "redis_url", "adapter_store_options", "secret", "secret_previous", "api_keys")
             if hasattr(self, name)
         }
         for name, value in values.items():
@@ -139,6 +139,17 @@ class ServingSettings(PairloopSettings):
     secret: str | None = Field(
         None, min_length=32, description="HMAC secret for feedback tokens; required with an external Redis."
     )
+    secret_previous: str | None = Field(
+        None,
+        min_length=32,
+        description="The PAIRLOOP_SECRET before a rotation: tokens it signed are still accepted (new ones are signed "
+        "with PAIRLOOP_SECRET); remove it once PAIRLOOP_RECORD_TTL_S has passed.",
+    )
+
+    def token_secrets(self) -> tuple[bytes, ...]:
+        """The secrets a feedback token may be signed with: the current one first, then the previous one."""
+        return tuple(s.encode() for s in (self.secret, self.secret_previous) if s)
+
     responses_per_request: int = Field(2, ge=1, le=2, description="Choices per request when `n` is absent.")
     record_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long served completions stay in Redis.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body.")

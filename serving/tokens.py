@@ -2,7 +2,9 @@
 
 The gateway hands one out with every completion; feedback must bring it back. A token cannot be forged
 without the server secret, cannot be moved to another completion or another key, and stops working at
-its expiry. It is stateless: any gateway replica with the same secret can check it.
+its expiry. It is stateless: any gateway replica with the same secret can check it. A secret is rotated by
+verifying with the current and the previous one (`PAIRLOOP_SECRET_PREVIOUS`) while tokens signed with the
+previous one can still be valid; new tokens are always signed with the current one.
 """
 
 from __future__ import annotations
@@ -46,14 +48,20 @@ def issue(secret: bytes, completion_id: str, key_id: str, expires_at: int) -> st
     return f"{_VERSION}.{payload}.{_sign(secret, payload)}"
 
 
-def verify(secret: bytes, token: str, *, completion_id: str, key_id: str, now: float | None = None) -> TokenClaims:
-    """The token's claims, if it is genuine, unexpired and made for this completion and key."""
+def verify(
+    secret: bytes | tuple[bytes, ...], token: str, *, completion_id: str, key_id: str, now: float | None = None
+) -> TokenClaims:
+    """The token's claims, if it is genuine (signed with `secret`, or one of several during a rotation),
+    unexpired and made for this completion and key."""
     try:
         version, payload, signature = token.split(".")
     except ValueError:
         raise TokenError("malformed feedback token") from None
-    # compare_digest on bytes: on str it raises TypeError for non-ASCII text (a 500 instead of a 403).
-    if version != _VERSION or not hmac.compare_digest(signature.encode(), _sign(secret, payload).encode()):
+    candidates = (secret,) if isinstance(secret, bytes) else secret
+    # compare_digest on bytes: on str it raises TypeError for non-ASCII text (a 500 instead of a 403). Every
+    # candidate is compared (no early exit), so the time taken does not say which secret signed it.
+    matches = [hmac.compare_digest(signature.encode(), _sign(s, payload).encode()) for s in candidates]
+    if version != _VERSION or not any(matches):
         raise TokenError("feedback token signature does not verify")
     try:
         data = json.loads(_unb64(payload))

@@ -121,3 +121,21 @@ async def test_pool_sends_the_vllm_api_key() -> None:
             assert not without.ready and with_key.ready
     finally:
         await server.close()
+
+
+def test_a_rotated_secret_still_verifies_the_tokens_it_signed() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    exp = int(time.time()) + 60
+    signed_before = tokens.issue(old, "chatcmpl-a", "k1", exp)
+    signed_after = tokens.issue(new, "chatcmpl-a", "k1", exp)
+    for token in (signed_before, signed_after):
+        assert tokens.verify((new, old), token, completion_id="chatcmpl-a", key_id="k1").expires_at == exp
+    with pytest.raises(tokens.TokenError, match="signature"):
+        tokens.verify((new,), signed_before, completion_id="chatcmpl-a", key_id="k1")  # the old secret retired
+    with pytest.raises(tokens.TokenError, match="signature"):
+        tokens.verify(
+            (new, old), tokens.issue(b"x" * 32, "chatcmpl-a", "k1", exp), completion_id="chatcmpl-a", key_id="k1"
+        )
+    settings = ServingSettings(secret=new.decode(), secret_previous=old.decode())
+    assert settings.token_secrets() == (new, old), "new tokens are signed with the current secret (the first)"
+    assert ServingSettings(secret=new.decode()).token_secrets() == (new,)

@@ -8,6 +8,8 @@ simulate.py  simulate                          simulated users that prove the lo
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from deploy import settings
@@ -15,7 +17,9 @@ from deploy.cli import data, hosts, loop, service, simulate
 
 
 def _check_environment() -> None:
-    """Before any command: name the `PAIRLOOP_*` variables no part reads (a typo keeps a default in force)."""
+    """Before any command: files it makes are its owner's only (the umask), and the `PAIRLOOP_*` variables no part
+    reads are named (a typo keeps a default in force)."""
+    os.umask(0o077)
     for line in settings.warnings():
         typer.echo(line, err=True)
 

@@ -72,24 +72,38 @@ def vllm(
     """Run the vLLM server of one vLLM host (model: PAIRLOOP_MODEL, or the embedded tiny model built into the
     data dir), restarted if it dies. Beside it, run `pairloop adapter-sync`."""
     from deploy.local.engine import EngineProcess, engine_config
-    from deploy.local.stack import resolve_model
+    from deploy.local.models import ModelUnavailable
+    from deploy.local.stack import ENGINE_GIVE_UP_AFTER, resolve_model
 
     setup_logging()
     settings = _serving_settings()
-    model, name = resolve_model(settings)
+    try:
+        model, name = resolve_model(settings)
+    except ModelUnavailable as exc:
+        fail(f"pairloop vllm: {exc.message}")
+    stop = threading.Event()
+    gave_up: list[int] = []
+
+    def give_up(code: int) -> None:
+        gave_up.append(code)
+        stop.set()
+
     engine = EngineProcess(
         engine_config(
             settings, model, name, host=host, port=port, echo=lambda line: typer.echo(f"[vllm] {line}", err=True)
-        )
+        ),
+        give_up_after=ENGINE_GIVE_UP_AFTER,
+        on_give_up=give_up,
     )
-    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     engine.start()
     try:
         stop.wait()
     finally:
-        engine.stop()
+        engine.stop(settings.shutdown_timeout_s)
+    if gave_up:
+        fail(f"pairloop vllm: vLLM exited with status {gave_up[0]} at each of its last {ENGINE_GIVE_UP_AFTER} starts")
 
 
 def adapter_sync(

@@ -35,6 +35,7 @@ def up(
     """Run the embedded Redis, vLLM, the gateway, a feedback worker and the learning loop in the foreground;
     Ctrl-C stops them all."""
     from deploy.local import stack
+    from deploy.local.models import ModelUnavailable
     from serving.settings import ServingSettings
 
     setup_logging()
@@ -45,7 +46,10 @@ def up(
         settings = ServingSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(explain(exc)) from None
-    stack.run(settings, workers=workers, training=training)
+    try:
+        stack.run(settings, workers=workers, training=training)
+    except ModelUnavailable as exc:
+        fail(f"pairloop up: {exc.message}")
 
 
 @model_app.command("build-tiny")
@@ -79,11 +83,13 @@ def worker(
     PAIRLOOP_DATABASE_URL); with --training, one that runs the learning loop's periodic checks and training rounds."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from deploy.local.secrets import secure_data_dir
     from deploy.migrations import upgrade
     from workers.runner import run
 
     setup_logging()
     settings = worker_settings(data_dir)
+    secure_data_dir(settings.data_dir)
     try:
         upgrade(settings.store_url())  # a worker may start before anything else made the store
         run(redis_url(settings), settings, burst=burst, name=name, training=training)

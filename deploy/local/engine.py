@@ -5,7 +5,7 @@ build looks up the wrong distribution, see docs/STACK.md) with runtime LoRA load
 It listens on 127.0.0.1 only: vLLM's own `--api-key` guards only `/v1/*`, and its adapter endpoints
 let any caller change what is served, so nothing but the gateway may reach it. If it dies, a watcher
 thread starts it again with exponential backoff; the gateway's health probes notice the gap and
-answer 503 meanwhile.
+answer 503 meanwhile. One that exits at every start (`give_up_after` times in a row) is given up on.
 """
 
 from __future__ import annotations
@@ -91,10 +91,25 @@ def engine_config(
 class EngineProcess:
     """Start, watch, restart and stop one vLLM server process."""
 
-    def __init__(self, config: EngineConfig, *, restart: bool = True, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        restart: bool = True,
+        max_backoff_s: float = 30.0,
+        give_up_after: int = 0,
+        on_give_up: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
         self.port = config.port or free_port()
-        self.child = Supervised("vLLM", self._spawn, restart=restart, max_backoff_s=max_backoff_s)
+        self.child = Supervised(
+            "vLLM",
+            self._spawn,
+            restart=restart,
+            max_backoff_s=max_backoff_s,
+            give_up_after=give_up_after,
+            on_give_up=on_give_up,
+        )
 
     @property
     def restarts(self) -> int:

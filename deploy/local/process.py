@@ -103,8 +103,14 @@ class Supervised:
         restart: bool = True,
         max_backoff_s: float = 30.0,
         stable_s: float = 60.0,
+        give_up_after: int = 0,
+        on_give_up: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
+        self.give_up_after = give_up_after
+        """Stop restarting after this many exits in a row, each within `stable_s` of its start (0: never)."""
+        self.on_give_up = on_give_up
+        """Called with the last exit status when it gives up."""
         self.spawn_child = spawn_child
         self.restart = restart
         self.max_backoff_s = max_backoff_s
@@ -140,6 +146,7 @@ class Supervised:
 
     def _watch(self) -> None:
         backoff = 1.0
+        quick_exits = 0
         while not self._stopping.is_set():
             try:
                 with self._lock:
@@ -157,6 +164,19 @@ class Supervised:
                 return
             if time.monotonic() - began > self.stable_s:
                 backoff = 1.0
+                quick_exits = 0
+            quick_exits += 1
+            if self.give_up_after and quick_exits >= self.give_up_after:
+                log.error(
+                    "%s exited with status %s, %d times in a row at start: not restarting it",
+                    self.name,
+                    code,
+                    quick_exits,
+                )
+                self._stopping.set()
+                if self.on_give_up:
+                    self.on_give_up(code)
+                return
             log.error("%s exited with status %s; restarting it in %.0f s", self.name, code, backoff)
             if self._stopping.wait(backoff):
                 return

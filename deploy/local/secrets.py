@@ -1,7 +1,9 @@
-"""Secrets that the embedded default makes for itself and keeps in the data dir (mode 0600)."""
+"""Secrets that the embedded default makes for itself and keeps in the data dir (mode 0600), and the data dir
+itself kept its owner's only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -34,3 +36,17 @@ def write_private(path: Path, value: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     os.replace(tmp, path)
+
+
+def secure_data_dir(data_dir: Path) -> None:
+    """The data dir and everything in it readable by its owner only (secrets, the store and its WAL, Redis's
+    AOF, logs). New files are made so by the umask every `pairloop` command sets (deploy/cli)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    for root, dirs, files in os.walk(data_dir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                mode = os.lstat(path).st_mode
+                if mode & 0o077 and not os.path.islink(path):
+                    os.chmod(path, mode & 0o7700)

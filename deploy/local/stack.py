@@ -21,8 +21,9 @@ import uvicorn
 
 from deploy.app.gateway import build_app
 from deploy.local.engine import EngineProcess, engine_config
+from deploy.local.models import ModelUnavailable, check_model
 from deploy.local.redis_server import EmbeddedRedis
-from deploy.local.secrets import load_or_create, write_private
+from deploy.local.secrets import load_or_create, secure_data_dir, write_private
 from deploy.local.workers import WorkerProcess
 from deploy.migrations import upgrade
 from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
@@ -30,6 +31,8 @@ from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
 log = logging.getLogger("pairloop")
 
 TINY_MODEL_NAME = "pairloop-tiny"
+ENGINE_GIVE_UP_AFTER = 3
+"""vLLM exits this many times in a row within a minute of starting: `pairloop up` stops instead of retrying."""
 APP_SHUTDOWN_S = 3.0
 """Beyond the requests' grace: how long the application's own shutdown (closing clients, stopping its loops)
 may take before the process goes on stopping anyway."""
@@ -63,6 +66,8 @@ class Stack:
     workers: list[WorkerProcess] = field(default_factory=list)
     dev_key: str | None = None
     notes: list[str] = field(default_factory=list)
+    fatal: str | None = None
+    """Why the stack stopped by itself (vLLM failing at every start): `run` exits non-zero with it."""
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop every child within a bound: the workers and vLLM together (SIGTERM; SIGKILL after `timeout_s`),
@@ -125,8 +130,10 @@ class _Server(uvicorn.Server):
 
 
 def resolve_model(settings: ServingSettings) -> tuple[str, str]:
-    """(model path or id, public name); builds the embedded tiny model when none is configured."""
+    """(model path or id, public name); builds the embedded tiny model when none is configured. ModelUnavailable
+    when the model cannot be served or trained here (deploy/local/models.py)."""
     if settings.model:
+        check_model(settings.model)
         return settings.model, settings.served_model_name or settings.model
     from trainer.tiny.build import default_model_dir, is_built
 
@@ -136,16 +143,20 @@ def resolve_model(settings: ServingSettings) -> tuple[str, str]:
         # In a child process: the gateway should not keep torch and the training memory for its whole life.
         cmd = [sys.executable, "-m", "deploy", "model", "build-tiny", "--out", str(out)]
         if subprocess.run(cmd, check=False).returncode != 0 or not is_built(out):
-            raise RuntimeError("building the tiny model failed (see the output above)")
+            raise ModelUnavailable(f"building the embedded tiny model into {out} failed (see the output above)")
     return str(out), settings.served_model_name or TINY_MODEL_NAME
 
 
 def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = True, echo_children: bool = True) -> Stack:
     """Start the children `settings` asks for and return the complete settings for the gateway."""
     data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(data_dir)
     stack = Stack(settings)
     update: dict[str, object] = {}
+    # The model first: one that cannot be loaded stops `up` before anything else starts.
+    model, name = resolve_model(settings) if not settings.vllm_urls else ("", "")
+    if settings.vllm_urls and settings.model and training:
+        check_model(settings.model)  # the trainer's base model
     try:
         if not settings.redis_url:
             update["secret"] = settings.secret or load_or_create(data_dir / "secrets" / "token-secret")
@@ -192,11 +203,21 @@ def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = Tru
             update["api_keys"] = [ApiKey(id=DEV_KEY_ID, key=stack.dev_key, scopes=list(ALL_SCOPES))]
             stack.notes.append("no PAIRLOOP_API_KEYS: made a development key; listening on loopback only")
         if not settings.vllm_urls:
-            model, name = resolve_model(settings)
+
+            def give_up(code: int) -> None:
+                log_path = settings.data_dir / "logs" / "vllm.log"
+                stack.fatal = (
+                    f"vLLM exited with status {code} at each of its last {ENGINE_GIVE_UP_AFTER} starts, serving "
+                    f"{model}: see {log_path}"
+                )
+                os.kill(os.getpid(), signal.SIGTERM)  # stop the rest as after Ctrl-C; `run` exits with the reason
+
             stack.engine = EngineProcess(
                 engine_config(
                     settings, model, name, port=settings.vllm_port, echo=_echo("vllm") if echo_children else None
-                )
+                ),
+                give_up_after=ENGINE_GIVE_UP_AFTER,
+                on_give_up=give_up,
             )
             stack.engine.start()
             update["vllm_urls"] = [stack.engine.url]
@@ -277,6 +298,8 @@ def run(settings: ServingSettings, *, workers: int = 1, training: bool = True) -
         signal.signal(signal.SIGINT, lambda *_: stop_now())
         signal.signal(signal.SIGTERM, lambda *_: stop_now())
         stack.stop()
+    if stack.fatal:
+        raise ModelUnavailable(stack.fatal)
 
 
 def _exit_on_sigterm(sig: int, frame: FrameType | None) -> None:
