@@ -18,7 +18,7 @@ from feedback.schema import FeedbackRequest
 from feedback.service import AnyFeedback, FeedbackService
 from serving.api import require
 from serving.auth import Principal
-from serving.errors import Unavailable
+from serving.errors import Unavailable, responses
 
 router = APIRouter()
 
@@ -63,6 +63,7 @@ StoreDep = Annotated[Engine, Depends(_store)]
 @router.post(
     "/v1/feedback",
     status_code=202,
+    responses=responses(400, 401, 403, 404, 409, 410, 413, 422, 429, 500, 503),
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST.json_schema()}}}
     },
@@ -73,7 +74,7 @@ async def post_feedback(request: Request, caller: FeedbackCaller, service: Feedb
     return JSONResponse(await service.accept(body, caller), status_code=202)
 
 
-@router.get("/v1/feedback/stats")
+@router.get("/v1/feedback/stats", responses=responses(401, 403, 500, 503))
 async def feedback_stats(_: AdminCaller, store: StoreDep, service: FeedbackServiceDep) -> dict[str, Any]:
     """Counts by kind and adapter, position bias, and the users with the largest shares."""
 

@@ -7,13 +7,15 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from serving.auth import Principal
 from serving.chat import ChatService
+from serving.errors import responses
 from serving.protocol import ChatCompletionRequest
 
 router = APIRouter()
@@ -21,8 +23,18 @@ router = APIRouter()
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, and those
 # thread hops were a measurable share of the gateway's added latency.
-async def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    principal: Principal = request.app.state.keyring.authenticate(authorization)
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An API key of PAIRLOOP_API_KEYS: `Authorization: Bearer <key>`; each route needs one scope.",
+)
+"""The security scheme in the OpenAPI document; the key itself is checked by the keyring, with its own errors."""
+
+
+async def _principal(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None
+) -> Principal:
+    principal: Principal = request.app.state.keyring.authenticate(request.headers.get("authorization"))
     return principal
 
 
@@ -45,7 +57,22 @@ ChatCaller = Annotated[Principal, require("chat")]
 ChatServiceDep = Annotated[ChatService, Depends(_chat_service)]
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "The completion (OpenAI's shape, with `pairloop` holding the choices' adapters and the "
+            "feedback token), or with `stream: true` its server-sent events, errors included as "
+            '`data: {"error": …}` chunks.',
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        },
+        **responses(400, 401, 403, 404, 413, 422, 429, 500, 503),
+    },
+)
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep
 ) -> Response:
@@ -59,7 +86,7 @@ async def chat_completions(
     return Response(payload, media_type="application/json")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=responses(401, 403, 500))
 async def list_models(_: ChatCaller, service: ChatServiceDep) -> dict[str, Any]:
     name = service.public_model()
     return {
@@ -74,7 +101,30 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+_READINESS = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "redis": {"type": "boolean"},
+        "backends_healthy": {"type": "integer"},
+        "backends_ready": {"type": "integer"},
+        "backends": {"type": "integer"},
+    },
+    "required": ["status", "redis", "backends_healthy", "backends_ready", "backends"],
+}
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: {"description": "Ready.", "content": {"application/json": {"schema": _READINESS}}},
+        503: {
+            "description": "Not ready: Redis does not answer or no vLLM backend takes requests (same body).",
+            "content": {"application/json": {"schema": _READINESS}},
+            "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+        },
+    },
+)
 async def readyz(service: ChatServiceDep) -> JSONResponse:
     """Ready when Redis answers and at least one vLLM backend takes requests (it passed its last probe and holds
     the served adapters)."""
@@ -96,7 +146,7 @@ async def readyz(service: ChatServiceDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
 
 
-@router.get("/admin/backends")
+@router.get("/admin/backends", responses=responses(401, 403, 500))
 async def backends(_: Annotated[Principal, require("admin")], service: ChatServiceDep) -> dict[str, Any]:
     """This gateway's vLLM backends: where each came from, whether it takes requests, what it holds."""
     return {
@@ -115,7 +165,16 @@ async def backends(_: Annotated[Principal, require("admin")], service: ChatServi
     }
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text format.",
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(request: Request, service: ChatServiceDep) -> Response:
     m = request.app.state.metrics
     m.backends_healthy.set(sum(b.healthy for b in service.pool.backends))

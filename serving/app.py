@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import aiohttp
 import httpx
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -18,7 +23,7 @@ from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.chat import ChatService
-from serving.errors import AdapterError, install_handlers
+from serving.errors import REFUSALS, AdapterError, ErrorResponse, install_handlers
 from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.middleware import Authenticate, BodyLimit, RequestMetrics
@@ -31,6 +36,47 @@ log = logging.getLogger(__name__)
 Extension = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 """Runs inside the gateway's lifespan, after its own resources (`app.state.redis`, `.limiter`, `.metrics`)
 are set up: how later stages (the feedback API) add their services without the gateway importing them."""
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, made resolvable and true to the answers: schemas that a route inlined with `$defs`
+    (feedback's union of kinds) moved into `components`, and FastAPI's own 422 body (`{"detail": …}`, which this
+    server never sends) replaced by the error shape it does send."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=API_DESCRIPTION, routes=app.routes)
+    text = json.dumps(schema).replace('"#/$defs/', '"#/components/schemas/')
+    text = text.replace('"#/components/schemas/HTTPValidationError"', '"#/components/schemas/ErrorResponse"')
+    schema = json.loads(text)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+
+    def hoist(node: Any) -> None:
+        if isinstance(node, dict):
+            components.update(node.pop("$defs", {}))
+            for value in node.values():
+                hoist(value)
+        elif isinstance(node, list):
+            for value in node:
+                hoist(value)
+
+    hoist(schema["paths"])
+    components.update(TypeAdapter(ErrorResponse).json_schema(ref_template="#/components/schemas/{model}").pop("$defs"))
+    components["ErrorResponse"] = TypeAdapter(ErrorResponse).json_schema(ref_template="#/components/schemas/{model}")
+    components["ErrorResponse"].pop("$defs", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for operation in (op for ops in schema["paths"].values() for op in ops.values()):
+        if "422" in operation.get("responses", {}):
+            operation["responses"]["422"]["description"] = REFUSALS[422]
+    app.openapi_schema = schema
+    return schema
+
+
+API_DESCRIPTION = (
+    "Two sampled answers per chat request (OpenAI's chat completions, with a `pairloop` object naming each "
+    "choice's adapter and a feedback token), preferences back through /v1/feedback, and the learning loop's "
+    "admin routes. Every error, of every route, is OpenAI's error shape (ErrorResponse)."
+)
 
 
 def create_app(
@@ -58,7 +104,8 @@ def create_app(
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
             redis = Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
-            headers = {"Authorization": f"Bearer {settings.vllm_api_key}"} if settings.vllm_api_key else {}
+            vllm_key = settings.vllm_key()
+            headers = {"Authorization": f"Bearer {vllm_key}"} if vllm_key else {}
             pool = BackendPool(
                 urls,
                 client,
@@ -114,6 +161,7 @@ def create_app(
     app.state.settings = settings
     install_handlers(app)
     app.include_router(router)
+    app.openapi = functools.partial(openapi_document, app)  # type: ignore[method-assign]
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, keyring=keyring)  # outermost: the caller is known before any body is read

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,49 @@ class Unavailable(_RetryLater):
     status_code = 503
     type = "service_unavailable"
     code = "unavailable"
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description="The kind: invalid_request_error, authentication_error, permission_error, …")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable code for programs (invalid_api_key, rate_limit_exceeded, …).")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every error of every route."""
+
+    error: ErrorDetail
+
+
+REFUSALS: dict[int, str] = {
+    400: "Malformed JSON, or a value this server refuses (n > 2, temperature 0 pairs, max_tokens over the limit, "
+    "a prompt longer than the context, an adapter name that is not one).",
+    401: "No API key, or one this server does not know. Checked before the body is read.",
+    403: "The API key lacks this route's scope (or, for feedback, the token was issued for another key).",
+    404: "No such model, adapter or served completion.",
+    409: "The request conflicts with the current state: a round already queued or running, an adapter that "
+    "cannot be promoted, nothing to roll back to, a vote that contradicts one already given.",
+    410: "The completion is past its feedback window.",
+    413: "The body is over PAIRLOOP_MAX_BODY_BYTES.",
+    422: "A field is missing, unknown or of the wrong type or range (`param` names it).",
+    429: "A rate limit (per API key or per user) is spent: retry after `Retry-After` seconds.",
+    500: "An unexpected error; it was logged, and its details are not shown.",
+    502: "A vLLM server refused to load an adapter; nothing changed in what is served.",
+    503: "No vLLM backend is ready, or Redis or the preference store cannot be reached: retry after `Retry-After`.",
+}
+"""What each status means on this API (the OpenAPI document's response descriptions)."""
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can answer these error statuses (always in OpenAI's shape)."""
+    return {
+        code: {"model": ErrorResponse, "description": REFUSALS[code]}
+        | ({"headers": _RETRY_AFTER} if code in (429, 503) else {})
+        for code in codes
+    }
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

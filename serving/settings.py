@@ -36,6 +36,11 @@ def default_data_dir() -> Path:
     return Path(base) / "pairloop"
 
 
+def vllm_key_file(data_dir: Path) -> Path:
+    """Where `pairloop up` keeps the API key of its vLLM child (only the gateway and the trainer read it)."""
+    return data_dir / "secrets" / "vllm-api-key"
+
+
 def default_database_url(data_dir: Path) -> str:
     """The embedded default store: a SQLite file in the data dir."""
     return f"sqlite:///{data_dir / 'pairloop.db'}"
@@ -63,6 +68,11 @@ class PairloopSettings(BaseSettings):
         description="Where finished adapters are published for every vLLM host: a shared directory or "
         "`s3://bucket/prefix` (docs/DEPLOY.md); unset: the data dir, read by the one vLLM server beside it.",
     )
+    vllm_api_key: str | None = Field(
+        None,
+        description="Bearer key of the vLLM servers (their VLLM_API_KEY): gateways and the trainer send it; unset: "
+        "the key `pairloop up` made for its vLLM child in the data dir, if any.",
+    )
     adapter_store_options: dict[str, Any] = Field(
         default_factory=dict,
         description='JSON fsspec options of the adapter store, e.g. {"endpoint_url": "http://s3:9000"}.',
@@ -73,7 +83,15 @@ class PairloopSettings(BaseSettings):
         """Refuse the example values of deploy/pairloop.env.example and deploy/k8s (a copy applied unchanged)."""
         values: dict[str, object] = {
             name: getattr(self, name)
-            for name in ("database_url", "redis_url", "adapter_store_options", "secret", "secret_previous", "api_keys")
+            for name in (
+                "database_url",
+                "redis_url",
+                "adapter_store_options",
+                "vllm_api_key",
+                "secret",
+                "secret_previous",
+                "api_keys",
+            )
             if hasattr(self, name)
         }
         for name, value in values.items():
@@ -83,6 +101,13 @@ class PairloopSettings(BaseSettings):
                     "(docs/DEPLOY.md, 'Secrets')"
                 )
         return self
+
+    def vllm_key(self) -> str | None:
+        """The key the vLLM servers take: PAIRLOOP_VLLM_API_KEY, or the one `pairloop up` keeps in the data dir."""
+        if self.vllm_api_key:
+            return self.vllm_api_key
+        path = vllm_key_file(self.data_dir)
+        return path.read_text().strip() if path.is_file() else None
 
     def store_url(self) -> str:
         """The preference store's SQLAlchemy URL."""
@@ -131,7 +156,6 @@ class ServingSettings(PairloopSettings):
     vllm_discovery_s: float = Field(
         5.0, gt=0, le=300, description="How often the `dns+` entries of PAIRLOOP_VLLM_URLS are resolved again."
     )
-    vllm_api_key: str | None = Field(None, description="Bearer key for the vLLM servers, if they require one.")
     api_keys: list[ApiKey] = Field(
         default_factory=list,
         description='JSON list of {"id", "key", "scopes"}; unset: loopback only (`pairloop up` makes a dev key).',

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,12 +47,15 @@ from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 POOL_NAME = "vllm-pool"
 VALKEY_PASSWORD = "cluster-valkey-password"
+VLLM_KEY = "cluster-vllm-api-key-0123456789"
+"""The vLLM hosts' API key (compose's VLLM_API_KEY): the gateways and the trainer send it."""
 
 COMPOSE_VARIABLES = {
     "REDIS_PASSWORD": VALKEY_PASSWORD,
     "POSTGRES_PASSWORD": "unused-the-cluster-uses-its-own-database",
     "PAIRLOOP_SECRET": SECRET,
     "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
+    "VLLM_API_KEY": VLLM_KEY,
     "S3_ACCESS_KEY": ACCESS_KEY,
     "S3_SECRET_KEY": SECRET_KEY,
 }
@@ -90,9 +94,10 @@ def compose_service(name: str) -> tuple[list[str], dict[str, str]]:
     """A pairloop service of deploy/compose.yaml: its command (after `pairloop`) and its environment."""
     service = compose_file.pairloop_services(compose_file.load(COMPOSE_VARIABLES))[name]
     env = compose_file.environment(service)
+    services = "|".join(re.escape(n) for n in compose_file.load(COMPOSE_VARIABLES)["services"])
     for key, value in env.items():
         if key not in WIRING:
-            hosts = [h for h in ("valkey:", "postgres:", "s3:", "vllm-") if h in value]
+            hosts = re.findall(rf"(?:^|//|@)({services})(?::\d+|/|$)", value)
             assert not hosts, f"compose {name}: {key} names another host ({hosts}): add it to WIRING"
     return list(service["command"]), env
 

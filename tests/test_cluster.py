@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from feedback.store import Feedback
 from tests.cluster_helpers import (
     COMPOSE_HOSTS,
+    VLLM_KEY,
     Host,
     SteadyLoad,
     backends,
@@ -175,7 +176,9 @@ def test_every_part_on_its_own_host(tmp_path: Path, tiny_model: Path, fresh_pg_u
         for v in (v1, v2):
             copy = v.dir / "adapters" / champion
             assert (copy / "adapter_model.safetensors").is_file(), f"{v.name} has no copy of its own"
-            models = httpx.get(f"{v.url}/v1/models", timeout=10).json()["data"]
+            assert httpx.get(f"{v.url}/v1/models", timeout=10).status_code == 401, "vLLM takes only its key"
+            auth = {"Authorization": f"Bearer {VLLM_KEY}"}
+            models = httpx.get(f"{v.url}/v1/models", headers=auth, timeout=10).json()["data"]
             assert any(m["id"] == champion for m in models)
         figures["to_both_gateways_s"] = wait_until(
             "both gateways serve the champion",

@@ -120,7 +120,27 @@ def test_a_second_signal_stops_a_gateway_at_once(gateway_process: tuple[subproce
     assert took < 1.5, f"stopped {took:.1f} s after the second signal (the grace is 2 s)"
 
 
+def check_private(data_dir: Path, children: list[psutil.Process]) -> None:
+    """What `pairloop up` keeps is its own: the data dir is the owner's only, and its vLLM child takes requests
+    on /v1/* (the adapter endpoints included) only with the key that the gateway and the trainer hold."""
+    assert data_dir.stat().st_mode & 0o077 == 0
+    for path in data_dir.rglob("*"):
+        assert path.is_symlink() or path.stat().st_mode & 0o077 == 0, path
+    vllm = next(c for c in children if "vllm.entrypoints.openai.api_server" in " ".join(c.cmdline()))
+    cmd = vllm.cmdline()
+    assert not any("pl-vllm-" in a for a in cmd), "the key is not on the command line"
+    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    key = (data_dir / "secrets" / "vllm-api-key").read_text().strip()
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    body = {"lora_name": "intruder", "lora_path": str(data_dir)}
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=10).status_code == 401
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "x"}, timeout=10).status_code == 401
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+
+
 def test_pairloop_up_stops_under_load_and_leaves_no_child(tiny_model: Path, tmp_path: Path) -> None:
+    """(And, while it runs, its data dir and its vLLM are private: `check_private`.)"""
     port = free_port()
     env = _clean_env() | {
         "PAIRLOOP_DATA_DIR": str(tmp_path),
@@ -163,6 +183,7 @@ def test_pairloop_up_stops_under_load_and_leaves_no_child(tiny_model: Path, tmp_
         children = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "vllm" in names and "worker" in names and "valkey" in names, names
+        check_private(tmp_path, children)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

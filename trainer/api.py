@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from serving.api import require
 from serving.auth import Principal
-from serving.errors import Conflict, InvalidRequest
+from serving.errors import Conflict, InvalidRequest, responses
 from serving.follower import AdapterRouter
 from serving.routing import Routing, SwapResult, routing_json
 from trainer import leaderboard, registry
@@ -32,7 +32,7 @@ from trainer.promotion import Promotions
 from trainer.queue import enqueue_round
 from trainer.settings import TrainerSettings
 
-router = APIRouter(prefix="/admin")
+router = APIRouter(prefix="/admin", responses=responses(401, 403, 500, 503))
 Admin = Annotated[Principal, require("admin")]
 NAME = re.compile(r"^pl-v\d{4,}-[0-9a-f]{8}$")
 
@@ -60,13 +60,13 @@ async def list_adapters(_: Admin, promotions: PromotionsDep) -> dict[str, Any]:
     return {"routing": routing_json(routing), "adapters": await asyncio.to_thread(read)}
 
 
-@router.post("/adapters/rollback")
+@router.post("/adapters/rollback", responses=responses(409, 502))
 async def rollback(_: Admin, promotions: PromotionsDep) -> dict[str, Any]:
     """The previous champion back (AdapterError, in OpenAI's shape, when there is none)."""
     return _swap_body(await promotions.rollback())
 
 
-@router.post("/adapters/{name}/promote")
+@router.post("/adapters/{name}/promote", responses=responses(400, 404, 409, 502))
 async def promote(name: str, _: Admin, promotions: PromotionsDep) -> dict[str, Any]:
     if not NAME.match(name):
         raise InvalidRequest(f"not an adapter name: {name[:80]!r} (expected pl-vNNNN-xxxxxxxx)", param="name")
@@ -78,7 +78,7 @@ def _trainer(request: Request) -> TrainerSettings:
     return settings
 
 
-@router.post("/train", status_code=202)
+@router.post("/train", status_code=202, responses=responses(409))
 async def start_round(request: Request, _: Admin) -> dict[str, Any]:
     settings = _trainer(request)
     url = request.app.state.settings.redis_url
@@ -103,7 +103,7 @@ async def list_rounds(_: Admin, promotions: PromotionsDep) -> dict[str, Any]:
     return {"rounds": await asyncio.to_thread(read)}
 
 
-@router.get("/leaderboard")
+@router.get("/leaderboard", responses=responses(422))
 async def get_leaderboard(
     _: Admin, promotions: PromotionsDep, bootstrap: Annotated[int, Query(ge=0, le=2000)] = 200
 ) -> dict[str, Any]:

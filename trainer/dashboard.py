@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from feedback import queue as feedback_queue
 from feedback.settings import FeedbackSettings
 from feedback.store import Feedback
+from serving.errors import responses
 from serving.routing import load_routing, routing_json
 from trainer import queue as training_queue
 from trainer import registry
@@ -26,7 +27,7 @@ from trainer.ab import live_record
 from trainer.api import Admin
 from trainer.settings import TrainerSettings
 
-router = APIRouter(prefix="/admin")
+router = APIRouter(prefix="/admin", responses=responses(401, 403, 500, 503))
 
 BUCKETS = 24
 MIN_SPAN_S = 600

@@ -37,11 +37,12 @@ Swapper = Callable[[Callable[[Routing], Routing]], Awaitable[SwapResult]]
 
 
 @contextlib.asynccontextmanager
-async def remote_promotions(redis_url: str, store: Engine) -> AsyncIterator[Promotions]:
+async def remote_promotions(redis_url: str, store: Engine, vllm_key: str | None = None) -> AsyncIterator[Promotions]:
     """`Promotions` that swap through the vLLM backends running gateways registered in Redis: the way of the
-    training worker and of `pairloop adapters`."""
+    training worker and of `pairloop adapters`. `vllm_key`: the vLLM servers' API key, if they take one."""
+    headers = {"Authorization": f"Bearer {vllm_key}"} if vllm_key else {}
     async with Redis.from_url(redis_url, socket_connect_timeout=5) as client, httpx.AsyncClient() as http:
-        yield Promotions(client, store, remote_swapper(client, VllmAdmin(http)))
+        yield Promotions(client, store, remote_swapper(client, VllmAdmin(http, headers)))
 
 
 def remote_swapper(redis: Redis, admin: VllmAdmin) -> Swapper:

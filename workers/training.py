@@ -52,7 +52,7 @@ def _connection() -> redis.Redis:
 
 async def _with_promotions(settings: TrainerSettings, action: Any) -> Any:
     assert _redis_url
-    async with remote_promotions(_redis_url, engine_for(settings.store_url())) as promotions:
+    async with remote_promotions(_redis_url, engine_for(settings.store_url()), settings.vllm_key()) as promotions:
         return await action(promotions)
 
 

@@ -46,11 +46,12 @@ def _with_promotions(data_dir: Path | None, action: Callable[[Promotions], Await
     from trainer.promotion import remote_promotions
 
     url = redis_url(worker_settings(data_dir))
+    settings = trainer_settings(data_dir)
 
-    with store_engine(trainer_settings(data_dir).store_url()) as engine:
+    with store_engine(settings.store_url()) as engine:
 
         async def run() -> T:
-            async with remote_promotions(url, engine) as promotions:
+            async with remote_promotions(url, engine, settings.vllm_key()) as promotions:
                 return await action(promotions)
 
         try:

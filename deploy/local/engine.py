@@ -2,8 +2,9 @@
 
 The child runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of the CPU
 build looks up the wrong distribution, see docs/STACK.md) with runtime LoRA loading and prefix caching on.
-It listens on 127.0.0.1 only: vLLM's own `--api-key` guards only `/v1/*`, and its adapter endpoints
-let any caller change what is served, so nothing but the gateway may reach it. If it dies, a watcher
+It listens on 127.0.0.1 only and takes an API key of its own (VLLM_API_KEY; `pairloop up` makes one in the data
+dir, which only the gateway and the trainer read): its adapter endpoints change what is served, so no other local
+process may call them. vLLM's key guards only `/v1/*` (`/health` stays open for the probes). If it dies, a watcher
 thread starts it again with exponential backoff; the gateway's health probes notice the gap and
 answer 503 meanwhile. One that exits at every start (`give_up_after` times in a row) is given up on.
 """
@@ -56,6 +57,9 @@ class EngineConfig:
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.5
     """`--gpu-memory-utilization` of the CUDA engine: its share of the GPU, the rest left to the trainer."""
+    api_key: str | None = None
+    """vLLM's VLLM_API_KEY (in its environment, not on its command line where `ps` shows it): required on /v1/*,
+    the adapter endpoints included."""
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     echo: Callable[[str], None] | None = None
@@ -82,6 +86,7 @@ def engine_config(
         max_lora_rank=settings.vllm_max_lora_rank,
         kv_cache_gib=settings.vllm_kv_cache_gib,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        api_key=settings.vllm_key(),
         extra_args=settings.vllm_extra_args.split(),
         log_path=settings.data_dir / "logs" / "vllm.log",
         echo=echo,
@@ -160,6 +165,9 @@ class EngineProcess:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.pop("VLLM_API_KEY", None)
+        if self.config.api_key:
+            env["VLLM_API_KEY"] = self.config.api_key
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         if Path(self.config.model).is_dir():

@@ -26,7 +26,7 @@ from deploy.local.redis_server import EmbeddedRedis
 from deploy.local.secrets import load_or_create, secure_data_dir, write_private
 from deploy.local.workers import WorkerProcess
 from deploy.migrations import upgrade
-from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
+from serving.settings import ALL_SCOPES, ApiKey, ServingSettings, vllm_key_file
 
 log = logging.getLogger("pairloop")
 
@@ -203,6 +203,8 @@ def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = Tru
             update["api_keys"] = [ApiKey(id=DEV_KEY_ID, key=stack.dev_key, scopes=list(ALL_SCOPES))]
             stack.notes.append("no PAIRLOOP_API_KEYS: made a development key; listening on loopback only")
         if not settings.vllm_urls:
+            if not settings.vllm_api_key:  # its own key: only the gateway and the trainer (same data dir) hold it
+                load_or_create(vllm_key_file(data_dir), prefix="pl-vllm-")
 
             def give_up(code: int) -> None:
                 log_path = settings.data_dir / "logs" / "vllm.log"
