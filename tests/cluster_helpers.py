@@ -72,8 +72,8 @@ WIRING = (
 """Compose variables that name other hosts or container paths: a host here gets this machine's value instead
 (only where its compose service sets the variable)."""
 
-COMPOSE_HOSTS = ("migrate", "model", "vllm-1", "vllm-1-sync", "vllm-2", "vllm-2-sync", "gateway-1", "gateway-2")
-COMPOSE_HOSTS += ("worker", "trainer", "cron")
+COMPOSE_HOSTS: tuple[str, ...] = ("migrate", "model", "vllm-1", "vllm-1-sync", "vllm-2", "vllm-2-sync")
+COMPOSE_HOSTS += ("gateway-1", "gateway-2", "worker", "trainer", "cron")
 """Every pairloop service of deploy/compose.yaml, each of which the cluster runs (tests/test_shipping.py checks
 the list against the file)."""
 

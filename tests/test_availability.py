@@ -12,7 +12,9 @@ import redis
 
 from deploy.local.engine import EngineProcess
 from deploy.local.process import free_port
+from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
+from tests.feedback_helpers import chat, send, vote
 from tests.gateway_helpers import KEYS, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter
 
@@ -103,3 +105,23 @@ def test_vllm_killed_then_back(
     assert [c["adapter"] for c in r.json()["pairloop"]["choices"]] == [champion, champion]
     assert champion in [m["id"] for m in httpx.get(f"{engine.url}/v1/models").json()["data"]]
     clear_routing(redis_url)
+
+
+def test_redis_unreachable_is_503_on_chat_and_feedback_and_the_service_recovers_by_itself(
+    make_gateway: GatewayFactory, engine: EngineProcess, valkey: EmbeddedRedis, tmp_path: Path
+) -> None:
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(store)
+    gw = make_gateway([engine.url], redis_url=valkey.url, feedback={"database_url": store})
+    served = chat(gw.url)
+    valkey.stop()  # Redis gone: records, the queue and the limits are all in it
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=BODY, headers=AUTH, timeout=30)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3", r.text
+    assert r.json()["error"]["type"] == "service_unavailable"
+    r = send(gw.url, vote(served))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3", r.text
+    assert httpx.get(f"{gw.url}/readyz").status_code == 503
+    valkey.start()  # back on the same port, its data from the append-only file; the gateway is not restarted
+    assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 30), "readiness did not come back"
+    assert send(gw.url, vote(served)).status_code == 202, "the completion served before is still known"
+    assert len(chat(gw.url)["choices"]) == 2

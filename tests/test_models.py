@@ -134,6 +134,26 @@ def test_pairloop_up_says_it_in_one_line_and_starts_nothing(tmp_path: Path) -> N
     assert time.monotonic() - started < 60
 
 
+def test_the_causal_lm_types_read_from_source_are_transformers(tmp_path: Path) -> None:
+    """The same table as transformers' own (importing it imports torch, hence the reading of its source)."""
+    from deploy.local.models import causal_lm_model_types
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as M; "
+            "print(json.dumps(sorted(M)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert causal_lm_model_types() == set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert {"llama", "qwen2"} <= causal_lm_model_types()
+
+
 @pytest.mark.slow
 def test_the_registry_read_from_source_is_vllms() -> None:
     """vLLM's own registry (imported: seconds) serves every architecture read from its source."""
@@ -174,7 +194,7 @@ def test_a_vllm_that_fails_at_every_start_stops_pairloop_up(tiny_model: Path, tm
     took = time.monotonic() - started
     assert out.returncode == 1, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("pairloop up: vLLM exited with status"), lines[-5:]
+    assert lines[-1].startswith("pairloop up: vLLM exited with status"), lines[-5:]  # the last thing it says
     assert "at each of its last 3 starts" in lines[-1]
     assert out.stderr.count("restarting it in") == 2, "two restarts, then it gives up"
     print(f"gave up after {took:.1f} s")

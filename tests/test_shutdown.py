@@ -8,6 +8,7 @@ under chat load stops its children too, and leaves none behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,10 +23,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 
 from deploy.local.engine import EngineProcess
 from deploy.local.process import free_port
-from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
+from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET, GatewayFactory
 
 KEY = KEYS["full"].key
 
@@ -200,3 +202,31 @@ def test_pairloop_up_stops_under_load_and_leaves_no_child(tiny_model: Path, tmp_
     time.sleep(0.5)
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, [" ".join(c.cmdline()) for c in left]
+
+
+def test_a_gateway_killed_mid_stream_leaves_nothing_a_vote_could_bind_to(
+    gateway_process: tuple[subprocess.Popen[bytes], int],
+    rdb: redis.Redis,
+    make_gateway: GatewayFactory,
+    engine: EngineProcess,
+) -> None:
+    proc, port = gateway_process
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell me about tea."}]}
+    body |= {"max_tokens": 200, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        proc.kill()  # SIGKILL: nothing in the gateway runs after this
+        proc.wait()
+        with contextlib.suppress(httpx.HTTPError):
+            for _ in lines:
+                pass
+    cid = json.loads(first[5:])["id"]
+    assert rdb.get(f"pairloop:completion:{cid}") is None, "a completion is recorded only once it is complete"
+    # A vote naming it is refused by a gateway that is up: there is nothing to bind it to.
+    other = make_gateway([engine.url])
+    vote = {"completion_id": cid, "feedback_token": "v1.e30.AAAA", "kind": "pairwise", "preference": 0}
+    r = httpx.post(f"{other.url}/v1/feedback", json=vote, headers=headers, timeout=30)
+    assert r.status_code == 404, r.text

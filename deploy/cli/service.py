@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +51,12 @@ def up(
     try:
         stack.run(settings, workers=workers, training=training)
     except ModelUnavailable as exc:
-        fail(f"pairloop up: {exc.message}")
+        typer.echo(f"pairloop up: {exc.message}", err=True)
+        # Everything it started is stopped; skip the interpreter's teardown, where libraries the engine check
+        # imported print pages of leak warnings after this line (nanobind, in Triton).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 @model_app.command("build-tiny")

@@ -52,6 +52,30 @@ def vllm_generation_architectures() -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.cache
+def causal_lm_model_types() -> frozenset[str]:
+    """The `model_type`s transformers loads with AutoModelForCausalLM (the trainer), read from the source of its
+    mapping: importing `transformers.models.auto.modeling_auto` imports torch, which the gateway should not hold."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    source = Path(next(iter(spec.submodule_search_locations))) / "models" / "auto" / "modeling_auto.py"
+    for node in ast.parse(source.read_text()).body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES" for t in node.targets)
+            and isinstance(node.value, ast.Call)
+            and node.value.args
+            and isinstance(node.value.args[0], ast.List)
+        ):
+            return frozenset(
+                e.elts[0].value
+                for e in node.value.args[0].elts
+                if isinstance(e, ast.Tuple) and isinstance(e.elts[0], ast.Constant) and isinstance(e.elts[0].value, str)
+            )
+    return frozenset()
+
+
 def _first_line(exc: BaseException) -> str:
     """The first sentence of an error (transformers' run to paragraphs of advice)."""
     text = " ".join(str(exc).split())
@@ -127,8 +151,6 @@ def check_model(model: str) -> str:
 
 def check_architecture(model: str, config: Any) -> str:
     """The architecture of `config` if both vLLM and the trainer take it, else ModelUnavailable."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     architectures = list(getattr(config, "architectures", None) or [])
     served = vllm_generation_architectures()
     if served and not any(a in served for a in architectures):
@@ -137,7 +159,8 @@ def check_architecture(model: str, config: Any) -> str:
             "installed vLLM generates text with"
         )
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    trainable = causal_lm_model_types()
+    if trainable and model_type not in trainable:
         raise ModelUnavailable(
             f"model {model}: transformers has no causal language model for model_type {model_type!r}, so the "
             "trainer cannot load it"

@@ -1,0 +1,454 @@
+"""Every part killed under load, one at a time, and the network to PostgreSQL and to Redis cut for a while: what
+a client sees, what is lost, how long until the part serves again.
+
+    .venv/bin/python bench/chaos.py [--window 20] [--cut 10]        the faults (docs/RELIABILITY.md)
+    .venv/bin/python bench/chaos.py --soak 20000                     a soak run: memory and open files, start/end
+
+The topology is deploy/compose.yaml's on this machine (tests/cluster_helpers.py: 2 vLLM hosts with sidecars,
+2 gateways, 2 feedback workers, the trainer, cron, Valkey, PostgreSQL, SeaweedFS S3), except that every part
+reaches PostgreSQL and Valkey through a fault-injecting TCP proxy (`FaultProxy` below: an asyncio relay that can
+drop every connection and refuse new ones for a while; written here rather than run as Toxiproxy, which has no
+PyPI wheel). Under steady load (plain and streaming chats across both gateways, every answer voted on through the
+other gateway with a fixed feedback id), each fault is, in turn: SIGKILL of a feedback worker, of the trainer in
+the middle of a round, of cron, of a vLLM host, of a gateway, of Valkey (each restarted as a supervisor would),
+then a cut of the network to PostgreSQL and to Valkey. After the last, the queue is drained and every
+acknowledged vote (a 202) is looked for in PostgreSQL.
+
+Per fault: chat requests failed and the span from the first failure to the last, requests that hung past the
+client's timeout, the time until the part served again, and for the trainer whether the round ran again. At the
+end: acknowledged votes lost, and votes stored twice. Needs root (the gateways' mount namespaces), the machine's
+PostgreSQL and the dev extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.cluster_helpers import Cluster, Host, backends, vllm_address  # noqa: E402
+from tests.gateway_helpers import KEYS, MODEL_NAME  # noqa: E402
+from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402
+
+AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
+CLIENT_TIMEOUT_S = 30.0
+
+
+# -- the fault-injecting proxy -----------------------------------------------------------------------------
+
+
+class FaultProxy:
+    """127.0.0.1:<port> relayed to `target`; `cut(s)` drops every connection and refuses new ones for `s` seconds."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._cut_until = 0.0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self._cut_until:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(OSError):
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def cut(self, seconds: float) -> None:
+        def drop() -> None:
+            self._cut_until = time.monotonic() + seconds
+            for w in list(self._writers):
+                w.transport.abort()  # as a network that goes away: no FIN handshake, just gone
+            self._writers.clear()
+
+        self._loop.call_soon_threadsafe(drop)
+
+
+class ChaosCluster(Cluster):
+    """The cluster, its parts reaching PostgreSQL and Valkey through proxies."""
+
+    pg_proxy: FaultProxy | None = None
+    redis_proxy: FaultProxy | None = None
+
+    def wiring(self) -> dict[str, str]:
+        wiring = super().wiring()
+        if self.redis_proxy and self.valkey:
+            wiring["PAIRLOOP_REDIS_URL"] = self.valkey.url.replace(
+                f":{self.valkey.port}/", f":{self.redis_proxy.port}/"
+            )
+        if self.pg_proxy:
+            url = make_url(self.pg_url)
+            wiring["PAIRLOOP_DATABASE_URL"] = url.set(port=self.pg_proxy.port).render_as_string(hide_password=False)
+        return wiring
+
+
+# -- load ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    kind: str
+    status: int  # 0: no answer (connection failed, or the client's timeout)
+    hung: bool = False
+
+
+@dataclass
+class Load:
+    gateways: list[str]
+    outcomes: list[Outcome] = field(default_factory=list)
+    acked: dict[str, float] = field(default_factory=dict)
+    """feedback_id -> when its 202 came."""
+    votes_sent: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+
+    def record(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes.append(outcome)
+
+    def chat_client(self, i: int, stream: bool) -> None:
+        n = 0
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S, headers=AUTH) as client:
+            while not self.stop.is_set():
+                n += 1
+                g = (i + n) % len(self.gateways)
+                body: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": 12, "stream": stream}
+                body |= {"messages": [{"role": "user", "content": f"Tea {i}-{n}?"}], "user": f"chaos-{i}-{n % 50}"}
+                started = time.monotonic()
+                status, data, hung = 0, None, False
+                try:
+                    if stream:
+                        with client.stream("POST", f"{self.gateways[g]}/v1/chat/completions", json=body) as r:
+                            chunks = [line for line in r.iter_lines() if line.startswith("data:")]
+                            status = r.status_code
+                            if status == 200 and any('"error"' in c for c in chunks):
+                                status = 599  # an error chunk inside the stream: the client got an error
+                    else:
+                        r = client.post(f"{self.gateways[g]}/v1/chat/completions", json=body)
+                        status = r.status_code
+                        data = r.json() if status == 200 else None
+                except httpx.TimeoutException:
+                    hung = True
+                except (httpx.HTTPError, ValueError):
+                    pass
+                self.record(Outcome(started, time.monotonic(), "stream" if stream else "chat", status, hung))
+                if data is not None:
+                    with self.lock:
+                        self.pending.append((data, (g + 1) % len(self.gateways)))
+                if status != 200:
+                    time.sleep(0.2)
+
+    def voter(self) -> None:
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S, headers=AUTH) as client:
+            while not self.stop.is_set() or self.pending:
+                with self.lock:
+                    item = self.pending.pop(0) if self.pending else None
+                if item is None:
+                    time.sleep(0.05)
+                    continue
+                data, g = item
+                vote = {
+                    "completion_id": data["id"],
+                    "feedback_token": data["pairloop"]["feedback_token"],
+                    "feedback_id": str(uuid.uuid4()),
+                    "kind": "pairwise",
+                    "preference": len(data["id"]) % 2,
+                }
+                self.votes_sent += 1
+                for attempt in range(20):  # a client retries with the same id until it is acknowledged
+                    try:
+                        r = client.post(f"{self.gateways[(g + attempt) % len(self.gateways)]}/v1/feedback", json=vote)
+                        if r.status_code == 202:
+                            with self.lock:
+                                self.acked[vote["feedback_id"]] = time.monotonic()
+                            break
+                        if r.status_code < 500 and r.status_code != 429:
+                            break  # refused for a reason of its own (e.g. the record expired): not acknowledged
+                    except httpx.HTTPError:
+                        pass
+                    if self.stop.is_set():
+                        break
+                    time.sleep(0.5)
+
+    def since(self, t: float, until: float) -> list[Outcome]:
+        with self.lock:
+            return [o for o in self.outcomes if t <= o.started < until]
+
+
+# -- faults --------------------------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Any, timeout_s: float, step: float = 0.25) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return time.monotonic() - start
+        time.sleep(step)
+    return None
+
+
+def ready(gateway: Host, n: int = 2) -> bool:
+    return sum(b["ready"] for b in backends(gateway)) >= n
+
+
+def rounds(pg_url: str) -> list[tuple[int, str, str | None]]:
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, status, error FROM training_rounds ORDER BY id"))
+            return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+    finally:
+        engine.dispose()
+
+
+def summarize(name: str, load: Load, t0: float, t1: float, back_s: float | None, extra: str = "") -> dict[str, Any]:
+    window = load.since(t0, t1)
+    failed = [o for o in window if o.status != 200]
+    span = (max(o.ended for o in failed) - min(o.started for o in failed)) if failed else 0.0
+    row = {
+        "fault": name,
+        "requests": len(window),
+        "failed": len(failed),
+        "failed_span_s": round(span, 2),
+        "hung": sum(o.hung for o in window),
+        "serving_again_s": None if back_s is None else round(back_s, 1),
+        "note": extra,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_faults(
+    c: ChaosCluster, load: Load, hosts: dict[str, Host], window: float, cut_s: float
+) -> list[dict[str, Any]]:
+    g1, g2 = hosts["gateway-1"], hosts["gateway-2"]
+    out = []
+
+    def kill_restart(host: Host, back: Any, name: str, extra: str = "") -> None:
+        t0 = time.monotonic()
+        host.kill()
+        time.sleep(1.0)
+        host.start()
+        back_s = wait_until(back, 240)
+        time.sleep(max(0.0, window - (time.monotonic() - t0)))
+        out.append(summarize(name, load, t0, time.monotonic(), back_s, extra))
+
+    queue_empty = lambda: c.valkey is not None and _queue_len(c) == 0  # noqa: E731
+    kill_restart(hosts["worker-1"], queue_empty, "feedback worker (SIGKILL, restarted)")
+
+    # the trainer in the middle of a round
+    before = len(rounds(c.pg_url))
+    httpx.post(f"{g1.url}/admin/train", headers=AUTH, timeout=30)
+    wait_until(lambda: any(s == "running" for _, s, _ in rounds(c.pg_url)[before:]), 120, 0.2)
+    t0 = time.monotonic()
+    hosts["trainer"].kill()
+    time.sleep(1.0)
+    hosts["trainer"].start()
+    rerun = wait_until(
+        lambda: len(r := rounds(c.pg_url)) >= before + 2 and r[-1][1] not in ("running", "queued"), 300, 0.5
+    )
+    log = rounds(c.pg_url)[before:]
+    note = f"rounds: {[(s, (e or '')[:40]) for _, s, e in log]}"
+    time.sleep(max(0.0, window - (time.monotonic() - t0)))
+    out.append(summarize("training worker mid-round (SIGKILL, restarted)", load, t0, time.monotonic(), rerun, note))
+
+    kill_restart(hosts["cron"], lambda: hosts["cron"].alive(), "cron (SIGKILL, restarted)")
+    kill_restart(
+        hosts["vllm-1"],
+        lambda: all(any(b["url"] == hosts["vllm-1"].url and b["ready"] for b in backends(g)) for g in (g1, g2)),
+        "vLLM host 1 (SIGKILL of vLLM and its sidecar, restarted)",
+    )
+    kill_restart(
+        g1, lambda: httpx.get(f"{g1.url}/readyz", timeout=2).status_code == 200, "gateway 1 (SIGKILL, restarted)"
+    )
+
+    assert c.valkey is not None
+    t0 = time.monotonic()
+    c.valkey.child.kill()  # its supervisor restarts it from the append-only file
+    back = wait_until(lambda: all(httpx.get(f"{g.url}/readyz", timeout=2).status_code == 200 for g in (g1, g2)), 120)
+    time.sleep(max(0.0, window - (time.monotonic() - t0)))
+    out.append(summarize("Valkey (SIGKILL, restarted from its AOF)", load, t0, time.monotonic(), back))
+
+    for name, proxy in (("PostgreSQL", c.pg_proxy), ("Valkey", c.redis_proxy)):
+        assert proxy is not None
+        t0 = time.monotonic()
+        proxy.cut(cut_s)
+        time.sleep(cut_s)
+        back = wait_until(
+            lambda: (
+                all(httpx.get(f"{g.url}/readyz", timeout=2).status_code == 200 for g in (g1, g2)) and _queue_len(c) == 0
+            ),
+            120,
+        )
+        time.sleep(max(0.0, window - (time.monotonic() - t0)))
+        out.append(summarize(f"network to {name} cut for {cut_s:g} s", load, t0, time.monotonic(), back))
+    return out
+
+
+def _queue_len(c: ChaosCluster) -> int:
+    import redis
+
+    assert c.valkey is not None
+    client = redis.Redis.from_url(c.valkey.url)
+    try:
+        return sum(int(client.llen(k)) for k in client.scan_iter("rq:queue:*"))
+    finally:
+        client.close()
+
+
+def stored(pg_url: str, ids: list[str]) -> tuple[int, int]:
+    """(acknowledged ids found, rows stored more than once for one id)."""
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT count(DISTINCT id) FROM feedback WHERE id = ANY(:ids)"), {"ids": ids})
+            twice = conn.execute(text("SELECT count(*) - count(DISTINCT id) FROM feedback"))
+            return int(found.scalar() or 0), int(twice.scalar() or 0)
+    finally:
+        engine.dispose()
+
+
+def process_stats(host: Host) -> tuple[float, int]:
+    """(resident MB, open file descriptors) of a host's processes together."""
+    assert host.proc is not None
+    procs = [psutil.Process(host.proc.pid), *psutil.Process(host.proc.pid).children(recursive=True)]
+    rss = fds = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            rss += p.memory_info().rss
+            fds += p.num_fds()
+    return rss / 2**20, fds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--window", type=float, default=20.0, help="seconds watched after each fault")
+    parser.add_argument("--cut", type=float, default=10.0, help="seconds each network cut lasts")
+    parser.add_argument("--soak", type=int, default=0, help="a soak run of this many chat requests instead")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/chaos.py needs root (the gateways' own /etc/hosts in mount namespaces)")
+    model = ensure_built(default_model_dir(ROOT / ".cache"))
+    base = make_url(os.environ.get("PAIRLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    db = f"pairloop_chaos_{os.getpid()}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    pg_url = base.set(database=db).render_as_string(hide_password=False)
+    root = Path(tempfile.mkdtemp(prefix="pairloop-chaos-"))
+    c = ChaosCluster(root, model, pg_url)
+    results: dict[str, Any] = {"command": " ".join(["bench/chaos.py", *sys.argv[1:]])}
+    load: Load | None = None
+    try:
+        c.start_services()
+        assert c.valkey is not None
+        c.pg_proxy = FaultProxy(make_url(pg_url).port or 5432)
+        c.redis_proxy = FaultProxy(c.valkey.port)
+        v1, v2 = c.add_vllm(1), c.add_vllm(2)
+        c.pool = [vllm_address(1), vllm_address(2)]
+        g1, g2 = c.add_gateway(1), c.add_gateway(2)
+        hosts = {h.name: h for h in (v1, v2, g1, g2)}
+        for name, service in (("worker-1", "worker"), ("worker-2", "worker"), ("trainer", None), ("cron", None)):
+            hosts[name] = c.add_worker(name, service, PAIRLOOP_CHECK_INTERVAL_S="3600", PAIRLOOP_MIN_NEW_EXAMPLES="4")
+        for g in (g1, g2):
+            c.wait_http(g, "/readyz", timeout_s=600)
+        wait_until(lambda: ready(g1) and ready(g2), 300)
+        load = Load([g1.url, g2.url])
+        threads = [threading.Thread(target=load.chat_client, args=(i, i == 2), daemon=True) for i in range(3)]
+        threads.append(threading.Thread(target=load.voter, daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(10)
+        if args.soak:
+            watched = {n: hosts[n] for n in ("gateway-1", "gateway-2", "worker-1", "worker-2", "cron")}
+            start = {n: process_stats(h) for n, h in watched.items()}
+            t0 = time.monotonic()
+            while len(load.outcomes) < args.soak:
+                time.sleep(5)
+            end = {n: process_stats(h) for n, h in watched.items()}
+            results["soak"] = {
+                "requests": len(load.outcomes),
+                "seconds": round(time.monotonic() - t0),
+                "failed": sum(o.status != 200 for o in load.outcomes),
+                "hung": sum(o.hung for o in load.outcomes),
+                "rss_mb_start_end": {n: [round(start[n][0]), round(end[n][0])] for n in watched},
+                "fds_start_end": {n: [start[n][1], end[n][1]] for n in watched},
+            }
+            print(json.dumps(results["soak"]), flush=True)
+        else:
+            results["faults"] = run_faults(c, load, hosts, args.window, args.cut)
+        load.stop.set()
+        for t in threads:
+            t.join(CLIENT_TIMEOUT_S + 10)
+        wait_until(lambda: _queue_len(c) == 0, 180)
+        time.sleep(2)
+        ids = list(load.acked)
+        found, twice = stored(pg_url, ids)
+        results["votes"] = {
+            "sent": load.votes_sent,
+            "acknowledged": len(ids),
+            "lost": len(ids) - found,
+            "stored_twice": twice,
+        }
+        print(json.dumps(results["votes"]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+    finally:
+        if load:
+            load.stop.set()
+        c.stop()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+
+if __name__ == "__main__":
+    main()
