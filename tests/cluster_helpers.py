@@ -341,7 +341,7 @@ class Cluster:
         host_dir.mkdir(parents=True, exist_ok=True)
         command, _ = compose_service(service)
         extra = TRAINER_ENV if service in ("trainer", "cron") else {}
-        host = Host(name, host_dir, self._pairloop(*command), self.host_env(service, host_dir, **extra, **env))
+        host = Host(name, host_dir, self._pairloop(*command), self.host_env(service, host_dir, **(extra | env)))
         self.hosts[name] = host
         host.start()
         return host
