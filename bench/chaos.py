@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.cluster_helpers import Cluster, Host, backends, vllm_address  # noqa: E402
 from tests.gateway_helpers import KEYS, MODEL_NAME  # noqa: E402
+from tests.postgres import postgres_database  # noqa: E402
 from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
@@ -403,12 +404,12 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/chaos.py needs root (the gateways' own /etc/hosts in mount namespaces)")
     model = ensure_built(default_model_dir(ROOT / ".cache"))
-    base = make_url(os.environ.get("PAIRLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    db = f"pairloop_chaos_{os.getpid()}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    pg_url = base.set(database=db).render_as_string(hide_password=False)
+    with postgres_database(f"pairloop_chaos_{os.getpid()}") as pg_url:
+        run(model, pg_url, args)
+
+
+def run(model: Path, pg_url: str, args: argparse.Namespace) -> None:
+    """The topology on `pg_url`'s database, the load, and the faults (or the soak) `args` ask for."""
     root = Path(tempfile.mkdtemp(prefix="pairloop-chaos-"))
     c = ChaosCluster(root, model, pg_url)
     results: dict[str, Any] = {"command": " ".join(["bench/chaos.py", *sys.argv[1:]])}
@@ -474,9 +475,6 @@ def main() -> None:
         if load:
             load.stop.set()
         c.stop()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ import uuid
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from serving.adapter_store import AdapterStore, store_ref
 from tests.cluster_helpers import SteadyLoad, backends, cluster, vllm_address
 from tests.gateway_helpers import KEYS, MODEL_NAME
+from tests.postgres import postgres_database
 from trainer import registry
 from trainer.tiny.build import default_model_dir, ensure_built
 
@@ -75,73 +75,62 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
     model = ensure_built(default_model_dir(Path(__file__).resolve().parent.parent / ".cache"))
-    base = make_url(os.environ.get("PAIRLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    db = f"pairloop_bench_{os.getpid()}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    pg_url = base.set(database=db).render_as_string(hide_password=False)
     root = Path(tempfile.mkdtemp(prefix="pairloop-cluster-"))
-    try:
-        with cluster(root, model, pg_url) as c:
-            v1, v2 = c.add_vllm(1), c.add_vllm(2)
-            c.pool = [vllm_address(1)]
-            g1, g2 = c.add_gateway(1), c.add_gateway(2)
-            gateways = [g1.url, g2.url]
-            for g in (g1, g2):
-                c.wait_http(g, "/readyz", timeout_s=420)
-            for v in (v1, v2):
-                c.wait_http(v, "/health", timeout_s=420)
-            one = throughput(gateways, args.seconds, args.concurrency)
-            c.write_pool([vllm_address(1), vllm_address(2)])
-            while not all(sum(b["ready"] for b in backends(g)) == 2 for g in (g1, g2)):
-                time.sleep(0.1)
-            two = throughput(gateways, args.seconds, args.concurrency)
+    with postgres_database(f"pairloop_bench_{os.getpid()}") as pg_url, cluster(root, model, pg_url) as c:
+        v1, v2 = c.add_vllm(1), c.add_vllm(2)
+        c.pool = [vllm_address(1)]
+        g1, g2 = c.add_gateway(1), c.add_gateway(2)
+        gateways = [g1.url, g2.url]
+        for g in (g1, g2):
+            c.wait_http(g, "/readyz", timeout_s=420)
+        for v in (v1, v2):
+            c.wait_http(v, "/health", timeout_s=420)
+        one = throughput(gateways, args.seconds, args.concurrency)
+        c.write_pool([vllm_address(1), vllm_address(2)])
+        while not all(sum(b["ready"] for b in backends(g)) == 2 for g in (g1, g2)):
+            time.sleep(0.1)
+        two = throughput(gateways, args.seconds, args.concurrency)
 
-            name, staging = make_adapter(model, root / "made")
-            assert c.s3 is not None
-            AdapterStore(c.s3.url, c.s3.options()).publish(name, staging)
-            with Session(create_engine(pg_url)) as session:
-                now = registry.now()
-                session.add(
-                    registry.Adapter(
-                        name=name,
-                        version=1,
-                        status="candidate",
-                        path=store_ref(name),
-                        method="dpo",
-                        metrics={},
-                        created_at=now,
-                        updated_at=now,
-                    )
+        name, staging = make_adapter(model, root / "made")
+        assert c.s3 is not None
+        AdapterStore(c.s3.url, c.s3.options()).publish(name, staging)
+        with Session(create_engine(pg_url)) as session:
+            now = registry.now()
+            session.add(
+                registry.Adapter(
+                    name=name,
+                    version=1,
+                    status="candidate",
+                    path=store_ref(name),
+                    method="dpo",
+                    metrics={},
+                    created_at=now,
+                    updated_at=now,
                 )
-                session.commit()
-            with SteadyLoad(gateways, concurrency=args.concurrency) as load:
-                time.sleep(1.0)
-                t0 = time.monotonic()
-                resp = httpx.post(f"{g1.url}/admin/adapters/{name}/promote", headers=AUTH, timeout=120)
-                resp.raise_for_status()
-                t_swap = time.monotonic() - t0
-                while not all(served(g) == name for g in gateways):
-                    time.sleep(0.02)
-                t_all = time.monotonic() - t0
-                t_add0 = time.monotonic()
-                v3 = c.add_vllm(3)
-                c.write_pool([vllm_address(1), vllm_address(2), vllm_address(3)])
-                while not all(any(b["url"] == v3.url and b["ready"] for b in backends(g)) for g in (g1, g2)):
-                    time.sleep(0.1)
-                t_add = time.monotonic() - t_add0
-                failed = [o for o in load.outcomes if o.status != 200]
-            print(f"chat throughput, {args.concurrency} clients over 2 gateways, {args.seconds:g} s each:")
-            print(f"  1 vLLM host: {one:.2f} req/s   2 vLLM hosts: {two:.2f} req/s   ratio {two / one:.2f}")
-            print(f"promotion (load+probe on 2 hosts, from S3 via the sidecars): {t_swap:.2f} s;")
-            print(f"  from the admin call to both gateways serving it: {t_all:.2f} s")
-            print(f"added vLLM host (process start to ready with the champion at both gateways): {t_add:.1f} s")
-            print(f"requests that failed during promotion and addition: {len(failed)} of {len(load.outcomes)}")
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+            )
+            session.commit()
+        with SteadyLoad(gateways, concurrency=args.concurrency) as load:
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            resp = httpx.post(f"{g1.url}/admin/adapters/{name}/promote", headers=AUTH, timeout=120)
+            resp.raise_for_status()
+            t_swap = time.monotonic() - t0
+            while not all(served(g) == name for g in gateways):
+                time.sleep(0.02)
+            t_all = time.monotonic() - t0
+            t_add0 = time.monotonic()
+            v3 = c.add_vllm(3)
+            c.write_pool([vllm_address(1), vllm_address(2), vllm_address(3)])
+            while not all(any(b["url"] == v3.url and b["ready"] for b in backends(g)) for g in (g1, g2)):
+                time.sleep(0.1)
+            t_add = time.monotonic() - t_add0
+            failed = [o for o in load.outcomes if o.status != 200]
+        print(f"chat throughput, {args.concurrency} clients over 2 gateways, {args.seconds:g} s each:")
+        print(f"  1 vLLM host: {one:.2f} req/s   2 vLLM hosts: {two:.2f} req/s   ratio {two / one:.2f}")
+        print(f"promotion (load+probe on 2 hosts, from S3 via the sidecars): {t_swap:.2f} s;")
+        print(f"  from the admin call to both gateways serving it: {t_all:.2f} s")
+        print(f"added vLLM host (process start to ready with the champion at both gateways): {t_add:.1f} s")
+        print(f"requests that failed during promotion and addition: {len(failed)} of {len(load.outcomes)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ BEARER = HTTPBearer(
 async def _principal(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None
 ) -> Principal:
+    known: Principal | None = getattr(request.state, "principal", None)  # set by serving.middleware.Authenticate
+    if known is not None:
+        return known
     principal: Principal = request.app.state.keyring.authenticate(request.headers.get("authorization"))
     return principal
 

@@ -28,7 +28,7 @@ async def send_error(send: Send, err: ServingError) -> None:
 class Authenticate:
     """Know the caller before anything reads the body: a request to a protected route without a valid API key
     is answered 401 here, so that a malformed body from an unknown caller learns nothing (and costs nothing to
-    parse). The route's dependency checks the key's scope (403) as before."""
+    parse). The caller found is left in the request's state; the route's dependency checks its scope (403)."""
 
     def __init__(self, app: ASGIApp, keyring: KeyRing) -> None:
         self.app = app
@@ -38,10 +38,13 @@ class Authenticate:
         if scope["type"] == "http" and not self.keyring.open and scope["path"].startswith(PROTECTED_PREFIXES):
             authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
             try:
-                self.keyring.authenticate(authorization.decode("latin-1") if authorization is not None else None)
+                principal = self.keyring.authenticate(
+                    authorization.decode("latin-1") if authorization is not None else None
+                )
             except Unauthorized as err:
                 await send_error(send, err)
                 return
+            scope.setdefault("state", {})["principal"] = principal  # the routes' dependency takes it from here
         await self.app(scope, receive, send)
 
 

@@ -6,7 +6,6 @@ Redis (or, where none answers, the embedded Valkey server), and the gateway over
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +13,13 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from deploy.app.gateway import build_app
 from deploy.local.engine import EngineConfig, EngineProcess
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
 from tests.gateway_helpers import MODEL_NAME, ROOT, GatewayFactory, ServerThread, feedback_settings, settings_for
+from tests.postgres import postgres_database
 from trainer.tiny.build import default_model_dir, ensure_built
 from workers import jobs, training
 
@@ -104,26 +102,6 @@ def pg_url() -> Iterator[str]:
     with postgres_database(f"pairloop_test_{os.getpid()}") as url:
         upgrade(url)
         yield url
-
-
-@contextlib.contextmanager
-def postgres_database(name: str) -> Iterator[str]:
-    """A new, empty database `name` on the machine's PostgreSQL for the block (skips without PostgreSQL)."""
-    base = make_url(os.environ.get("PAIRLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL at {base.render_as_string()}: {exc}")
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture

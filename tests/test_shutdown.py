@@ -91,33 +91,33 @@ def gateway_process(
         log.close()
 
 
-def test_a_gateway_stops_within_its_grace_while_a_client_holds_a_request(
-    gateway_process: tuple[subprocess.Popen[bytes], int],
-) -> None:
-    proc, port = gateway_process
+def _signal_while_stuck(proc: subprocess.Popen[bytes], port: int, signals: int) -> tuple[int, float]:
+    """SIGTERM `signals` times, 0.3 s apart, while a client holds a half-sent request: the exit status, and the
+    seconds from the last signal to the exit."""
     sock = _stuck_request(port)
-    time.sleep(0.5)
+    time.sleep(0.5)  # the request reaches the app
+    for _ in range(signals - 1):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(30)
     took = time.monotonic() - started
     sock.close()
+    return code, took
+
+
+def test_a_gateway_stops_within_its_grace_while_a_client_holds_a_request(
+    gateway_process: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    code, took = _signal_while_stuck(*gateway_process, signals=1)
     assert code == 0
     # 2 s of grace for the stuck request, then the application's shutdown: well inside twice that plus 5 s.
     assert 1.5 <= took < 9, f"stopped {took:.1f} s after SIGTERM"
 
 
 def test_a_second_signal_stops_a_gateway_at_once(gateway_process: tuple[subprocess.Popen[bytes], int]) -> None:
-    proc, port = gateway_process
-    sock = _stuck_request(port)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(30)
-    took = time.monotonic() - started
-    sock.close()
+    code, took = _signal_while_stuck(*gateway_process, signals=2)
     assert code == 130
     assert took < 1.5, f"stopped {took:.1f} s after the second signal (the grace is 2 s)"
 
