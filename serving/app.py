@@ -16,9 +16,9 @@ import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from serving import redis_client
 from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
@@ -103,7 +103,7 @@ def create_app(
         timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, connect=5.0)
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
-            redis = Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+            redis = redis_client.connect(settings.redis_url)
             vllm_key = settings.vllm_key()
             headers = {"Authorization": f"Bearer {vllm_key}"} if vllm_key else {}
             pool = BackendPool(

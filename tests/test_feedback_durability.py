@@ -173,3 +173,49 @@ def test_redis_killed_and_restarted_under_traffic(
     finally:
         terminate(worker, 20)
     assert set(stored_feedback(store_url)) == acknowledged
+
+
+def redis_away(valkey: EmbeddedRedis, seconds: float) -> None:
+    """Valkey stopped for `seconds`, longer than redis-py's own retries (10, capped at 1 s: about 5 s), then
+    started again from its AOF."""
+    valkey.stop()
+    time.sleep(seconds)
+    valkey.start()
+
+
+def test_a_worker_that_loses_redis_waits_for_it_and_stores_everything(
+    make_gateway: GatewayFactory, valkey: EmbeddedRedis, store_url: str, tmp_path: Path
+) -> None:
+    """RQ's worker ends on a Redis error from wherever it is (taking a job, finishing one, its own death
+    notice): the chaos bench found both feedback workers gone after a Valkey restart. This one must stay up,
+    wait for Redis, start again and store what was acknowledged before, during and after."""
+    gw = make_gateway(
+        ["http://127.0.0.1:9"],
+        redis_url=valkey.url,
+        feedback={"database_url": store_url, "feedback_durability": "aof"},
+    )
+    completions = seed_completions(valkey.url, 600)
+    first = asyncio.run(post_all(gw.url, [vote(c, preference=0) for c in completions[:300]]))
+    assert [a.status_code for a in first] == [202] * 300
+    upgrade(store_url)
+    log = tmp_path / "worker.log"
+    worker = start_worker(valkey.url, store_url, tmp_path, log)
+    try:
+        wait_for(lambda: count_feedback(store_url) >= 30, 120, "the worker to store 30 events")
+        redis_away(valkey, 10)
+        assert worker.poll() is None, log.read_text()[-3000:]
+        later = asyncio.run(post_all(gw.url, [vote(c, preference=1) for c in completions[300:]]))
+        assert [a.status_code for a in later] == [202] * 300, [a.text for a in later if a.status_code != 202][:3]
+        wait_for(
+            lambda: count_feedback(store_url) >= 600,
+            120,
+            "all 600 events in the store",
+            lambda: (count_feedback(store_url), worker.poll(), log.read_text()[-3000:]),
+        )
+        assert worker.poll() is None
+        text = log.read_text()
+        assert "lost Redis" in text or "ended without being asked to" in text, "Redis never went away under it"
+    finally:
+        terminate(worker, 20)
+    assert worker.returncode == 0, log.read_text()[-3000:]  # SIGTERM after the outage still stops it cleanly
+    assert set(stored_feedback(store_url)) == {a.json()["id"] for a in first + later}

@@ -116,3 +116,32 @@ def test_a_round_whose_worker_is_killed_runs_again_within_two_minutes(
         if second is not None:
             terminate(second)
         connection.close()
+
+
+def test_cron_that_loses_redis_waits_for_it_and_goes_on(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    """RQ's cron scheduler ends on the first Redis error; `pairloop cron` waits for Redis and schedules again."""
+    settings = TrainerSettings()
+    env = {**os.environ, "PAIRLOOP_REDIS_URL": valkey.url, "PAIRLOOP_CHECK_INTERVAL_S": "1"}
+    log = tmp_path / "cron.log"
+    cron = spawn([sys.executable, "-m", "deploy", "cron", "--data-dir", str(tmp_path)], env=env, log_path=log)
+    connection = redis.Redis.from_url(valkey.url)
+    control = Queue(settings.control_queue, connection=connection)
+    try:
+        deadline = time.monotonic() + 60
+        while control.count == 0:
+            assert time.monotonic() < deadline and cron.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        valkey.stop()
+        time.sleep(10)  # beyond redis-py's own retries (about 5 s)
+        assert cron.poll() is None, log.read_text()[-3000:]
+        valkey.start()
+        before = control.count
+        deadline = time.monotonic() + 60
+        while control.count <= before:
+            assert time.monotonic() < deadline and cron.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "cron lost Redis" in log.read_text()
+    finally:
+        terminate(cron, 10)
+        connection.close()
+    assert cron.returncode == 0, log.read_text()[-3000:]

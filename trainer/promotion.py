@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from serving.errors import AdapterError
+from serving.redis_client import connect
 from serving.routing import (
     Routing,
     SwapResult,
@@ -41,7 +42,7 @@ async def remote_promotions(redis_url: str, store: Engine, vllm_key: str | None 
     """`Promotions` that swap through the vLLM backends running gateways registered in Redis: the way of the
     training worker and of `pairloop adapters`. `vllm_key`: the vLLM servers' API key, if they take one."""
     headers = {"Authorization": f"Bearer {vllm_key}"} if vllm_key else {}
-    async with Redis.from_url(redis_url, socket_connect_timeout=5) as client, httpx.AsyncClient() as http:
+    async with connect(redis_url) as client, httpx.AsyncClient() as http:
         yield Promotions(client, store, remote_swapper(client, VllmAdmin(http, headers)))
 
 

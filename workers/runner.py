@@ -15,10 +15,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry, clean_registries
@@ -28,6 +30,7 @@ from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from feedback.queue import make_queue
+from serving.redis_client import connect_sync
 from workers import jobs
 from workers.settings import WorkerSettings
 
@@ -46,6 +49,11 @@ class FeedbackWorker(SimpleWorker):
 
     HEARTBEAT_S = 5.0
     abandoned_after_s = 10
+    stop_signalled = False  # SIGINT/SIGTERM: `work` ended because it was asked to
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        self.stop_signalled = True
+        super().request_stop(signum, frame)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return int(min(job.timeout or 30, 3 * self.HEARTBEAT_S)) + self.abandoned_after_s
@@ -194,7 +202,8 @@ def run(
     redis_url: str, settings: WorkerSettings, *, burst: bool = False, name: str | None = None, training: bool = False
 ) -> None:
     """Work until SIGTERM/SIGINT (or, with `burst`, until the queue is empty). The store must be migrated
-    (`pairloop worker` does it first: deploy/migrations).
+    (`pairloop worker` does it first: deploy/migrations). Redis going away does not end it: the worker waits
+    for it and starts again (`keep_running`).
 
     A feedback worker takes the feedback queue only: on one queue RQ moves a job atomically into its
     intermediate queue as it takes it (BLMOVE), so a worker killed at that moment loses nothing; on several
@@ -212,12 +221,100 @@ def run(
     jobs.configure(settings.store_url())
     training_jobs.configure(redis_url)
     os.register_at_fork(after_in_child=_children_die_with_worker)
-    connection = redis.Redis.from_url(redis_url)
+    connection = connect_sync(redis_url)
     trainer = TrainerSettings()
     if training:
         control = Queue(trainer.control_queue, connection=connection, serializer=JSONSerializer)
         queues = [control, training_queue(connection, trainer)]
     else:
         queues = [make_queue(connection, settings)]
-    worker = make_worker(connection, settings, name, queues)
-    worker.work(burst=burst, with_scheduler=not training, logging_level="INFO")
+
+    if burst:  # one pass: a Redis that goes away meanwhile is the caller's error to see
+        worker = make_worker(connection, settings, name, queues)
+        worker.work(burst=True, with_scheduler=not training, logging_level="INFO")
+        return
+    last: list[FeedbackWorker] = []  # the worker of the latest start
+
+    def one_worker() -> bool:
+        last[:] = [worker := make_worker(connection, settings, name, queues)]
+        try:
+            worker.work(with_scheduler=not training, logging_level="INFO")
+        except (redis.ConnectionError, redis.TimeoutError):
+            if worker.stop_signalled:  # asked to stop, and Redis away as it said goodbye
+                return True
+            raise
+        return worker.stop_signalled
+
+    keep_running(one_worker, lambda: release(last[0]), what=f"worker {name or ''}".strip())
+
+
+RECONNECT_FIRST_S = 1.0
+RECONNECT_MAX_S = 30.0
+LIVED_LONG_S = 60.0  # a worker that ran this long before it ended starts the backoff over
+
+
+def keep_running(
+    start: Callable[[], bool],
+    before_restart: Callable[[], object],
+    *,
+    what: str,
+    first_s: float = RECONNECT_FIRST_S,
+    max_s: float = RECONNECT_MAX_S,
+) -> None:
+    """Run `start` until it returns True (asked to stop); when it returns False or raises a
+    Redis error (the server went away: RQ's worker and cron scheduler end on one, from wherever they were), wait
+    with exponential backoff, call `before_restart` (which may raise a Redis error too: still away) and start
+    again. A SIGINT/SIGTERM while waiting ends it.
+
+    Without this a worker that lost Redis for a moment exited, and the events it had not stored waited in the
+    queue until something restarted it: the chaos bench found both feedback workers gone after a Valkey restart
+    and after a 10 s network cut (docs/RELIABILITY.md).
+    """
+    delay = first_s
+    pending = False  # a restart waiting for `before_restart` to succeed
+    while True:
+        if not pending:
+            began = time.monotonic()
+            try:
+                if start():
+                    return
+                log.warning("%s ended without being asked to", what)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("%s lost Redis: %s", what, exc)
+            except StopRequested:
+                return
+            if time.monotonic() - began > LIVED_LONG_S:
+                delay = first_s
+        log.warning("%s: starting again in %.0f s", what, delay)
+        if _wait_unless_signalled(delay):
+            return
+        delay = min(delay * 2, max_s)
+        try:
+            before_restart()
+            pending = False
+        except (redis.RedisError, OSError) as exc:
+            log.warning("%s: Redis still away: %s", what, exc)
+            pending = True
+
+
+def _wait_unless_signalled(seconds: float) -> bool:
+    """Sleep `seconds`; True if SIGINT or SIGTERM came meanwhile (the handlers are put back after)."""
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return stop.wait(seconds)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def release(worker: FeedbackWorker) -> None:
+    """What a worker that lost Redis left behind: its pubsub thread, and its registration (so that a worker of the
+    same name can register). Raises a Redis error while Redis is still away."""
+    if worker.pubsub_thread is not None:
+        worker.pubsub_thread.stop()
+        worker.pubsub_thread.join(timeout=1)
+        with contextlib.suppress(redis.RedisError, OSError):
+            worker.pubsub.close()
+        worker.pubsub_thread = None
+    worker.register_death()

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from feedback.store import engine_for
 from serving.errors import AdapterError
+from serving.redis_client import connect_sync
 from trainer import registry
 from trainer.data import count_new, select_round
 from trainer.errors import RoundFailed
@@ -31,6 +32,7 @@ from trainer.promotion import Promotions, remote_promotions
 from trainer.publish import local_copy, publish
 from trainer.queue import RoundLock, enqueue_round, round_pending
 from trainer.settings import TrainerSettings
+from workers.runner import keep_running
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def configure(redis_url: str | None) -> None:
 def _connection() -> redis.Redis:
     if not _redis_url:
         raise RuntimeError("workers.training.configure(redis_url) was not called")
-    return redis.Redis.from_url(_redis_url)
+    return connect_sync(_redis_url)
 
 
 async def _with_promotions(settings: TrainerSettings, action: Any) -> Any:
@@ -110,9 +112,21 @@ class JsonCronJob(CronJob):
         return job
 
 
+class _CronScheduler(CronScheduler):
+    stop_signalled = False  # SIGINT/SIGTERM: `start` ended because it was asked to
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_signalled = True
+        super()._request_stop(signum, frame)
+
+
 def run_cron(redis_url: str, settings: TrainerSettings) -> None:
-    """`pairloop cron`: RQ 3's cron scheduler, enqueueing `check` every `check_interval_s`."""
-    scheduler = CronScheduler(redis.Redis.from_url(redis_url), name=f"pairloop-cron-{uuid.uuid4().hex[:6]}")
+    """`pairloop cron`: RQ 3's cron scheduler, enqueueing `check` every `check_interval_s`, until SIGTERM/SIGINT.
+
+    RQ's scheduler ends on the first Redis error; here it waits for Redis and starts again (the same scheduler:
+    its jobs keep their times)."""
+    connection = connect_sync(redis_url)
+    scheduler = _CronScheduler(connection, name=f"pairloop-cron-{uuid.uuid4().hex[:6]}")
     scheduler._cron_jobs.append(
         JsonCronJob(
             queue_name=settings.control_queue,
@@ -123,7 +137,17 @@ def run_cron(redis_url: str, settings: TrainerSettings) -> None:
             failure_ttl=24 * 3600,
         )
     )
-    scheduler.start()
+
+    def one_pass() -> bool:
+        try:
+            scheduler.start()  # returns when asked to stop
+        except (redis.ConnectionError, redis.TimeoutError):
+            if scheduler.stop_signalled:  # asked to stop, and Redis away as it said goodbye
+                return True
+            raise
+        return True
+
+    keep_running(one_pass, connection.ping, what="cron")
 
 
 # -- the round --------------------------------------------------------------------------------------

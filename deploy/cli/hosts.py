@@ -117,10 +117,9 @@ def adapter_sync(
 ) -> None:
     """Keep DIR holding the adapters that are or may be served, copied from the adapter store
     (PAIRLOOP_ADAPTER_STORE_URL) with every hash checked, and report them in Redis (PAIRLOOP_REDIS_URL)."""
-    from redis.asyncio import Redis
-
     from serving.adapter_sync import AdapterSync
     from serving.errors import AdapterError
+    from serving.redis_client import connect
     from serving.settings import PairloopSettings
 
     setup_logging()
@@ -141,7 +140,7 @@ def adapter_sync(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Redis.from_url(str(settings.redis_url), socket_timeout=5.0) as redis:
+        async with connect(str(settings.redis_url)) as redis:
             await AdapterSync(redis, store, vllm_url, directory, interval_s=interval_s).run(stop)
 
     asyncio.run(main())
