@@ -2,7 +2,7 @@
 a client sees, what is lost, how long until the part serves again.
 
     .venv/bin/python bench/chaos.py [--window 20] [--cut 10]        the faults (docs/RELIABILITY.md)
-    .venv/bin/python bench/chaos.py --soak 20000                     a soak run: memory and open files, start/end
+    .venv/bin/python bench/chaos.py --soak 36000                     a soak run: memory and open files, every tenth
 
 The topology is deploy/compose.yaml's on this machine (tests/cluster_helpers.py: 2 vLLM hosts with sidecars,
 2 gateways, 2 feedback workers, the trainer, cron, Valkey, PostgreSQL, SeaweedFS S3), except that every part
@@ -258,6 +258,8 @@ def summarize(name: str, load: Load, t0: float, t1: float, back_s: float | None,
         "requests": len(window),
         "failed": len(failed),
         "failed_span_s": round(span, 2),
+        # when the last request that failed was sent, from the fault (for a cut: compare with its length)
+        "last_failed_sent_s": round(max(o.started for o in failed) - t0, 2) if failed else None,
         "hung": sum(o.hung for o in window),
         "serving_again_s": None if back_s is None else round(back_s, 1),
         "note": extra,
@@ -278,6 +280,8 @@ def run_faults(
         time.sleep(1.0)
         host.start()
         back_s = wait_until(back, 480)
+        if back_s is None:
+            keep_log(host)
         time.sleep(max(0.0, window - (time.monotonic() - t0)))
         out.append(summarize(name, load, t0, time.monotonic(), back_s, extra))
 
@@ -333,6 +337,13 @@ def run_faults(
         time.sleep(max(0.0, window - (time.monotonic() - t0)))
         out.append(summarize(f"network to {name} cut for {cut_s:g} s", load, t0, time.monotonic(), back))
     return out
+
+
+def keep_log(host: Host) -> None:
+    """A host that did not come back: its log kept past the run (the run's directory is removed)."""
+    kept = Path(tempfile.gettempdir()) / f"chaos-{host.name}.log"
+    kept.write_bytes((host.dir / "host.log").read_bytes())
+    print(f"{host.name} did not come back; its log: {kept}", flush=True)
 
 
 def _queue_len(c: ChaosCluster) -> int:
@@ -435,19 +446,29 @@ def run(model: Path, pg_url: str, args: argparse.Namespace) -> None:
             t.start()
         time.sleep(10)
         if args.soak:
-            watched = {n: hosts[n] for n in ("gateway-1", "gateway-2", "worker-1", "worker-2", "cron")}
-            start = {n: process_stats(h) for n, h in watched.items()}
+            watched = {n: hosts[n] for n in ("gateway-1", "gateway-2", "worker-1", "worker-2", "trainer", "cron")}
             t0 = time.monotonic()
-            while len(load.outcomes) < args.soak:
-                time.sleep(5)
-            end = {n: process_stats(h) for n, h in watched.items()}
+            samples: list[dict[str, Any]] = []  # every tenth of the run: requests so far, (MB, fds) per host
+            for tenth in range(11):
+                while len(load.outcomes) < args.soak * tenth // 10:
+                    time.sleep(2)
+                stats = {n: process_stats(h) for n, h in watched.items()}
+                samples.append(
+                    {"requests": len(load.outcomes), "s": round(time.monotonic() - t0)}
+                    | {n: [round(mb), fds] for n, (mb, fds) in stats.items()}
+                )
+                print(json.dumps(samples[-1]), flush=True)
+                if tenth < 10:  # a round now and then, as the loop runs: ten in all
+                    with contextlib.suppress(httpx.HTTPError):
+                        httpx.post(f"{g1.url}/admin/train", headers=AUTH, timeout=30)
             results["soak"] = {
                 "requests": len(load.outcomes),
                 "seconds": round(time.monotonic() - t0),
                 "failed": sum(o.status != 200 for o in load.outcomes),
                 "hung": sum(o.hung for o in load.outcomes),
-                "rss_mb_start_end": {n: [round(start[n][0]), round(end[n][0])] for n in watched},
-                "fds_start_end": {n: [start[n][1], end[n][1]] for n in watched},
+                "votes_acknowledged": len(load.acked),
+                "rounds": [status for _, status, _ in rounds(c.pg_url)],
+                "samples": samples,
             }
             print(json.dumps(results["soak"]), flush=True)
         else:
