@@ -16,14 +16,13 @@ import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
-from redis.exceptions import RedisError
 
 from serving import redis_client
 from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.chat import ChatService
-from serving.errors import REFUSALS, AdapterError, ErrorResponse, install_handlers
+from serving.errors import REFUSALS, ErrorResponse, install_handlers
 from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.middleware import Authenticate, BodyLimit, RequestMetrics
@@ -135,8 +134,7 @@ def create_app(
                     settings.host,
                 )
             await pool.probe_all()
-            with contextlib.suppress(RedisError, OSError, AdapterError, ValueError):
-                await adapters.sync()  # ready the backends that are up before the first request (the loop retries)
+            await adapters.try_sync()  # ready the backends that are up before the first request (the loop retries)
             pool.start()
             adapters.start()
             # Everything imported and built so far lives as long as the process: keep it out of the garbage

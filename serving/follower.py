@@ -98,15 +98,20 @@ class AdapterRouter:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                await self.sync()
-                self.pool.not_ready_reason = None
-            except RedisError as exc:
-                self.pool.not_ready_reason = f"Redis is unreachable: {exc}"
-                log.warning("adapter routing: %s", exc)
-            except (OSError, AdapterError, ValueError) as exc:
-                log.warning("adapter routing: %s", exc)
+            await self.try_sync()
             await asyncio.sleep(self.poll_s)
+
+    async def try_sync(self) -> None:
+        """`sync`, its failure logged and, for Redis, given as the reason no backend is ready (the next pass
+        retries)."""
+        try:
+            await self.sync()
+            self.pool.not_ready_reason = None
+        except RedisError as exc:
+            self.pool.not_ready_reason = f"Redis is unreachable: {exc}"
+            log.warning("adapter routing: %s", exc)
+        except (OSError, AdapterError, ValueError) as exc:
+            log.warning("adapter routing: %s", exc)
 
     async def sync(self) -> None:
         """One pass: register the backends, follow a changed record, prepare new or restarted backends, unload."""
