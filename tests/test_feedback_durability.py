@@ -176,8 +176,8 @@ def test_redis_killed_and_restarted_under_traffic(
 
 
 def redis_away(valkey: EmbeddedRedis, seconds: float) -> None:
-    """Valkey stopped for `seconds`, longer than redis-py's own retries (10, capped at 1 s: about 5 s), then
-    started again from its AOF."""
+    """Valkey stopped for `seconds`, far longer than the clients' own retries (serving/redis_client.py: two,
+    about a second), then started again from its AOF."""
     valkey.stop()
     time.sleep(seconds)
     valkey.start()

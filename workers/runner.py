@@ -235,17 +235,13 @@ def run(
         return
     last: list[FeedbackWorker] = []  # the worker of the latest start
 
-    def one_worker() -> bool:
-        last[:] = [worker := make_worker(connection, settings, name, queues)]
-        try:
-            worker.work(with_scheduler=not training, logging_level="INFO")
-        except (redis.ConnectionError, redis.TimeoutError):
-            if worker.stop_signalled:  # asked to stop, and Redis away as it said goodbye
-                return True
-            raise
-        return worker.stop_signalled
+    def one_worker() -> None:
+        last[:] = [make_worker(connection, settings, name, queues)]
+        last[0].work(with_scheduler=not training, logging_level="INFO")
 
-    keep_running(one_worker, lambda: release(last[0]), what=f"worker {name or ''}".strip())
+    keep_running(
+        one_worker, lambda: last[0].stop_signalled, lambda: release(last[0]), what=f"worker {name or ''}".strip()
+    )
 
 
 RECONNECT_FIRST_S = 1.0
@@ -254,17 +250,18 @@ LIVED_LONG_S = 60.0  # a worker that ran this long before it ended starts the ba
 
 
 def keep_running(
-    start: Callable[[], bool],
+    start: Callable[[], object],
+    stopped: Callable[[], bool],
     before_restart: Callable[[], object],
     *,
     what: str,
     first_s: float = RECONNECT_FIRST_S,
     max_s: float = RECONNECT_MAX_S,
 ) -> None:
-    """Run `start` until it returns True (asked to stop); when it returns False or raises a
-    Redis error (the server went away: RQ's worker and cron scheduler end on one, from wherever they were), wait
-    with exponential backoff, call `before_restart` (which may raise a Redis error too: still away) and start
-    again. A SIGINT/SIGTERM while waiting ends it.
+    """Run `start` until it ends with `stopped()` true (asked to stop, even if Redis was away as it said
+    goodbye); when it ends otherwise or raises a Redis error (the server went away: RQ's worker and cron
+    scheduler end on one, from wherever they were), wait with exponential backoff, call `before_restart` (which
+    may raise a Redis error too: still away) and start again. A SIGINT/SIGTERM while waiting ends it.
 
     Without this a worker that lost Redis for a moment exited, and the events it had not stored waited in the
     queue until something restarted it: the chaos bench found both feedback workers gone after a Valkey restart
@@ -276,13 +273,18 @@ def keep_running(
         if not pending:
             began = time.monotonic()
             try:
-                if start():
-                    return
-                log.warning("%s ended without being asked to", what)
+                start()
+                lost = None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("%s lost Redis: %s", what, exc)
+                lost = exc
             except StopRequested:
                 return
+            if stopped():
+                return
+            if lost is None:
+                log.warning("%s ended without being asked to", what)
+            else:
+                log.warning("%s lost Redis: %s", what, lost)
             if time.monotonic() - began > LIVED_LONG_S:
                 delay = first_s
         log.warning("%s: starting again in %.0f s", what, delay)

@@ -137,17 +137,7 @@ def run_cron(redis_url: str, settings: TrainerSettings) -> None:
             failure_ttl=24 * 3600,
         )
     )
-
-    def one_pass() -> bool:
-        try:
-            scheduler.start()  # returns when asked to stop
-        except (redis.ConnectionError, redis.TimeoutError):
-            if scheduler.stop_signalled:  # asked to stop, and Redis away as it said goodbye
-                return True
-            raise
-        return True
-
-    keep_running(one_pass, connection.ping, what="cron")
+    keep_running(scheduler.start, lambda: scheduler.stop_signalled, connection.ping, what="cron")
 
 
 # -- the round --------------------------------------------------------------------------------------
