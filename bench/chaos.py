@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,8 @@ def summarize(name: str, load: Load, t0: float, t1: float, back_s: float | None,
         "fault": name,
         "requests": len(window),
         "failed": len(failed),
+        # by status: 0 no answer, 599 an error chunk inside a 200 stream
+        "failed_by_status": {str(k): v for k, v in sorted(Counter(o.status for o in failed).items())},
         "failed_span_s": round(span, 2),
         # when the last request that failed was sent, from the fault (for a cut: compare with its length)
         "last_failed_sent_s": round(max(o.started for o in failed) - t0, 2) if failed else None,

@@ -219,6 +219,13 @@ class ServingSettings(PairloopSettings):
     )
     vllm_max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="KV cache size of the CPU engine, in GiB.")
+    vllm_cpu_cores: str = Field(
+        "auto",
+        pattern=r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
+        description="Cores the CPU engine binds its compute threads to (`VLLM_CPU_OMP_THREADS_BIND`): `auto` (vLLM "
+        "picks the first core(s) this process may use and leaves one to its scheduler), a list such as `0` or "
+        "`2-3,6`, or `nobind`. Give each engine that shares a machine cores of its own (docs/DEPLOY.md, 'Sizing').",
+    )
     vllm_gpu_memory_utilization: float = Field(
         0.5,
         gt=0,

@@ -58,6 +58,10 @@ COMPOSE_VARIABLES = {
     "VLLM_API_KEY": VLLM_KEY,
     "S3_ACCESS_KEY": ACCESS_KEY,
     "S3_SECRET_KEY": SECRET_KEY,
+    # Each vLLM host a core of its own, as on machines of their own: left at `auto`, both engines bind to core 0,
+    # and one restarted under load stalls in its start (the busy engine keeps the core; docs/RELIABILITY.md).
+    "VLLM_1_CPU_CORES": "0",
+    "VLLM_2_CPU_CORES": str(1 % (os.cpu_count() or 1)),
 }
 """The env file the cluster gives deploy/compose.yaml."""
 

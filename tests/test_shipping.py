@@ -424,6 +424,43 @@ def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
         assert volume(engine_service)[directory] == volume(sync)[directory]
 
 
+def test_each_compose_vllm_server_can_have_cores_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPU engines on one Docker host both bind to its first core unless told otherwise: each vLLM service
+    takes its own variable, and it reaches vLLM as VLLM_CPU_OMP_THREADS_BIND."""
+    variables = compose_file.env_example() | {"VLLM_1_CPU_CORES": "0-1", "VLLM_2_CPU_CORES": "2-3"}
+    bound = {}
+    for given, data in (("set", compose_file.load(variables)), ("unset", compose())):
+        for name in ("vllm-1", "vllm-2"):
+            env = filled(compose_file.environment(data["services"][name]))
+            engine = EngineProcess(engine_config(settings_from(ServingSettings, env, monkeypatch), "/m", "m", port=1))
+            with monkeypatch.context() as m:
+                m.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+                bound[given, name] = engine.environment().get("VLLM_CPU_OMP_THREADS_BIND", "vLLM's auto")
+    assert bound == {
+        ("set", "vllm-1"): "0-1",
+        ("set", "vllm-2"): "2-3",
+        ("unset", "vllm-1"): "vLLM's auto",
+        ("unset", "vllm-2"): "vLLM's auto",
+    }
+    for bad in ("0-", "all", "0;rm -rf /", "1|2"):
+        with pytest.raises(ValueError, match="vllm_cpu_cores"):
+            settings_from(ServingSettings, {"PAIRLOOP_VLLM_CPU_CORES": bad}, monkeypatch)
+
+
+def test_cpu_overlay_gives_each_vllm_pod_cores_of_its_own(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Guaranteed QoS with whole CPUs (cores of its own under the static CPU manager), replicas spread over nodes."""
+    deployment = find(rendered["cpu"], "Deployment", "vllm")
+    pod = deployment["spec"]["template"]["spec"]
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        r = c.get("resources", {})
+        assert r.get("requests") and r.get("requests") == r.get("limits"), f"{c['name']}: limits must equal requests"
+        assert {"cpu", "memory"} <= set(r["requests"]), c["name"]
+    assert str(container(deployment, "vllm")["resources"]["limits"]["cpu"]).isdigit(), "whole CPUs"
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
 def test_gpu_overlay_gives_vllm_and_trainer_a_gpu_each(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["gpu"]
     for name in ("vllm", "trainer"):

@@ -55,6 +55,8 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     kv_cache_gib: int = 1
+    cpu_cores: str = "auto"
+    """The CPU engine's `VLLM_CPU_OMP_THREADS_BIND`: `auto`, a core list, or `nobind`."""
     gpu_memory_utilization: float = 0.5
     """`--gpu-memory-utilization` of the CUDA engine: its share of the GPU, the rest left to the trainer."""
     api_key: str | None = None
@@ -85,6 +87,7 @@ def engine_config(
         max_loras=settings.vllm_max_loras,
         max_lora_rank=settings.vllm_max_lora_rank,
         kv_cache_gib=settings.vllm_kv_cache_gib,
+        cpu_cores=settings.vllm_cpu_cores,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         api_key=settings.vllm_key(),
         extra_args=settings.vllm_extra_args.split(),
@@ -164,6 +167,8 @@ class EngineProcess:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
+        if self.config.cpu_cores != "auto":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_cores
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.pop("VLLM_API_KEY", None)
         if self.config.api_key:
