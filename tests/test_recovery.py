@@ -1,6 +1,6 @@
-"""Rounds recover from a crash: a training worker SIGKILLed mid-round frees the lock and its job within seconds,
-the round runs again with its trigger and the interrupted one is marked failed; two `pairloop cron` do not double
-the periodic check."""
+"""Rounds recover from a crash: a training worker SIGKILLed mid-round frees its job within seconds (the rerun waits
+for its lock to lapse), the round runs again with its trigger and the interrupted one is marked failed; two
+`pairloop cron` do not double the periodic check."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
 from feedback.store import save_event
 from tests.store_helpers import event, record
-from trainer.queue import LOCK_KEY, enqueue_round
+from trainer.errors import RoundBusy
+from trainer.queue import LOCK_KEY, RoundLock, enqueue_round
 from trainer.settings import TrainerSettings
 from workers.training import JsonCronJob, check
 
@@ -38,6 +39,28 @@ def test_two_cron_schedulers_enqueue_one_check_per_interval(valkey: EmbeddedRedi
     time.sleep(2.0)  # the next interval (the claim lasts 90% of one)
     assert jobs[1].enqueue(connection) is not None
     assert Queue("pairloop-control", connection=connection).count == 2
+    connection.close()
+
+
+def test_a_rerun_waits_for_a_dead_workers_lock_to_lapse(valkey: EmbeddedRedis) -> None:
+    """The requeued job of a killed round can start before the dead worker's lock expires: it waits for it."""
+    connection = redis.Redis.from_url(valkey.url)
+    connection.set(LOCK_KEY, "a-dead-worker", px=1500)  # no one renews it
+    with pytest.raises(RoundBusy):
+        RoundLock(connection).__enter__()
+    started = time.monotonic()
+    with RoundLock(connection, wait_s=10) as lock:
+        waited = time.monotonic() - started
+        assert connection.get(LOCK_KEY) == lock.token.encode()
+    assert 0.5 < waited < 5, waited
+    assert not connection.exists(LOCK_KEY)
+    # a live holder (renewing) is not waited out: the second gives up after its wait
+    with RoundLock(connection, ttl_s=1.5):
+        started = time.monotonic()
+        with pytest.raises(RoundBusy):
+            RoundLock(connection, wait_s=2.5).__enter__()
+        assert time.monotonic() - started >= 2.5
+        assert connection.exists(LOCK_KEY)
     connection.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from types import TracebackType
 
@@ -36,20 +37,25 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 class RoundLock:
     """The one-round lock, held while a thread renews it (`with RoundLock(connection):`).
 
-    `RoundBusy` on entry when another round holds it. Losing it while running (Redis lost the key) is logged:
-    the round goes on, and a second round may then start beside it.
+    On entry it waits up to `wait_s` for the lock to be free, then raises `RoundBusy`: a round run again after its
+    worker died finds the dead worker's lock until it lapses. Losing it while running (Redis lost the key) is
+    logged: the round goes on, and a second round may then start beside it.
     """
 
-    def __init__(self, connection: redis.Redis, ttl_s: float = LOCK_TTL_S) -> None:
+    def __init__(self, connection: redis.Redis, ttl_s: float = LOCK_TTL_S, wait_s: float = 0.0) -> None:
         self.connection = connection
         self.ttl_ms = int(ttl_s * 1000)
+        self.wait_s = wait_s
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> RoundLock:
-        if not self.connection.set(LOCK_KEY, self.token, nx=True, px=self.ttl_ms):
-            raise RoundBusy("another training round holds the lock")
+        deadline = time.monotonic() + self.wait_s
+        while not self.connection.set(LOCK_KEY, self.token, nx=True, px=self.ttl_ms):
+            if time.monotonic() >= deadline:
+                raise RoundBusy("another training round holds the lock")
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._renew, name="round-lock", daemon=True)
         self._thread.start()
         return self

@@ -30,7 +30,7 @@ from trainer.data import count_new, select_round
 from trainer.errors import RoundFailed
 from trainer.promotion import Promotions, remote_promotions
 from trainer.publish import local_copy, publish
-from trainer.queue import RoundLock, enqueue_round, round_pending
+from trainer.queue import LOCK_TTL_S, RoundLock, enqueue_round, round_pending
 from trainer.settings import TrainerSettings
 from workers.runner import keep_running
 
@@ -147,12 +147,13 @@ def train_round(trigger: str = "manual") -> dict[str, Any]:
     """Train one round on what arrived since the last, gate it, and make it challenger or champion.
 
     A round whose worker dies is run again: the worker's heartbeat stops, RQ's started registry lets go of the
-    job within seconds (`workers/runner.py`), a live training worker requeues it, and the lock it held expires
-    (`trainer.queue.RoundLock`); the rerun marks the interrupted round failed."""
+    job within seconds (`workers/runner.py`), a live training worker requeues it, and the rerun waits for the
+    lock the dead worker held to lapse (`trainer.queue.RoundLock`, at most `LOCK_TTL_S`: the requeue can come
+    first); it marks the interrupted round failed."""
     settings = TrainerSettings()
     connection = _connection()
     try:
-        with RoundLock(connection):
+        with RoundLock(connection, wait_s=LOCK_TTL_S + 5):
             return _train(settings, trigger)
     finally:
         connection.close()
