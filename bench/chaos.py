@@ -341,13 +341,17 @@ def run_faults(
         ended = time.monotonic()
         # serving again: both gateways ready, and a vote acknowledged after the cut stored in PostgreSQL (under
         # steady load the queue is seldom empty at the instant it is looked at, so its length says little)
-        back = wait_until(
-            lambda ended=ended: (
-                all(httpx.get(f"{g.url}/readyz", timeout=2).status_code == 200 for g in (g1, g2))
-                and stored(c.pg_url, load.acked_since(ended))[0] > 0
-            ),
-            120,
-        )
+        seen: dict[str, Any] = {}
+
+        def serving(ended: float = ended, seen: dict[str, Any] = seen) -> bool:
+            seen["readyz"] = [httpx.get(f"{g.url}/readyz", timeout=2).status_code for g in (g1, g2)]
+            seen["acked since"] = len(acked := load.acked_since(ended))
+            seen["stored of those"] = stored(c.pg_url, acked)[0] if acked else 0
+            seen["votes waiting for the voter"] = len(load.pending)
+            return seen["readyz"] == [200, 200] and seen["stored of those"] > 0
+
+        back = wait_until(serving, 120)
+        print(f"{name} cut: last look {seen}", flush=True)
         time.sleep(max(0.0, window - (time.monotonic() - t0)))
         note = "serving again: from the end of the cut"
         out.append(summarize(f"network to {name} cut for {cut_s:g} s", load, t0, time.monotonic(), back, note))
