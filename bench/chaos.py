@@ -295,7 +295,7 @@ def run_faults(
         out.append(summarize(name, load, t0, time.monotonic(), back_s, extra))
 
     restarted = time.monotonic() + 1.0
-    votes_stored = lambda: stored(c.pg_url, load.acked_since(restarted))[0] > 0  # noqa: E731
+    votes_stored = lambda: stored_since(c.pg_url, load, restarted)[1] > 0  # noqa: E731
     kill_restart(hosts["worker-1"], votes_stored, "feedback worker (SIGKILL, restarted)")
 
     # the trainer in the middle of a round
@@ -345,8 +345,7 @@ def run_faults(
 
         def serving(ended: float = ended, seen: dict[str, Any] = seen) -> bool:
             seen["readyz"] = [httpx.get(f"{g.url}/readyz", timeout=2).status_code for g in (g1, g2)]
-            seen["acked since"] = len(acked := load.acked_since(ended))
-            seen["stored of those"] = stored(c.pg_url, acked)[0] if acked else 0
+            seen["acked since"], seen["stored of those"] = stored_since(c.pg_url, load, ended)
             seen["votes waiting for the voter"] = len(load.pending)
             return seen["readyz"] == [200, 200] and seen["stored of those"] > 0
 
@@ -384,6 +383,12 @@ def queue_state(c: ChaosCluster) -> dict[str, int]:
         }
     finally:
         client.close()
+
+
+def stored_since(pg_url: str, load: Load, t: float) -> tuple[int, int]:
+    """(votes acknowledged after `t`, how many of those are in PostgreSQL)."""
+    acked = load.acked_since(t)
+    return len(acked), stored(pg_url, acked)[0] if acked else 0
 
 
 def stored(pg_url: str, ids: list[str]) -> tuple[int, int]:
