@@ -32,7 +32,7 @@ from rq.worker import Worker
 
 from feedback.settings import FeedbackSettings
 
-JOB_FUNCTION = "workers.jobs.store_feedback"
+JOB_FUNCTION = "feedback.jobs.store_feedback"
 FAILURE_TTL_S = 30 * 24 * 3600
 
 # KEYS: the claim keys. ARGV: the claim count, the claims' TTL in ms, the claim values, then the commands that

@@ -18,10 +18,11 @@ from deploy.app.gateway import build_app
 from deploy.local.engine import EngineConfig, EngineProcess
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
+from feedback import jobs
 from tests.gateway_helpers import MODEL_NAME, ROOT, GatewayFactory, ServerThread, feedback_settings, settings_for
 from tests.postgres import postgres_database
+from trainer import loop
 from trainer.tiny.build import default_model_dir, ensure_built
-from workers import jobs, training
 
 NEEDS_ENGINE = {"engine", "gateway", "tiny_model"}
 """Fixtures that start vLLM or build the tiny model: a test that takes one is slow, whatever its module says."""
@@ -39,7 +40,7 @@ def _no_configuration_leaks() -> Iterator[None]:
     the same leaves nothing behind for the next one."""
     yield
     jobs.configure(None)
-    training.configure(None)
+    loop.configure(None)
 
 
 @pytest.fixture(scope="session")

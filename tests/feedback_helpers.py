@@ -14,11 +14,11 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from deploy.migrations import upgrade
+from feedback import jobs
 from feedback.store import Completion, Feedback
 from serving import records, tokens
 from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
 from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET
-from workers import jobs
 from workers.runner import make_worker
 from workers.settings import WorkerSettings
 

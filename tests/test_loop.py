@@ -16,10 +16,10 @@ from deploy.migrations import upgrade
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
 from tests.gateway_helpers import LEARNING_ENV, MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends
+from trainer import loop
 from trainer.errors import RoundBusy
 from trainer.queue import LOCK_KEY
 from trainer.settings import TrainerSettings
-from workers import training
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def loop_env(
         **LEARNING_ENV,
     }.items():
         monkeypatch.setenv(key, value)
-    training.configure(redis_url)
+    loop.configure(redis_url)
     yield store
     clear_routing(redis_url)
 
@@ -71,7 +71,7 @@ def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
     drain(redis_url, loop_env)
     wait_for_backends(redis_url)  # the worker swaps through the backends the gateway lists
 
-    result = training.train_round("manual")
+    result = loop.train_round("manual")
 
     assert result["status"] == "promoted", result
     name = result["adapter"]
@@ -87,7 +87,7 @@ def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
     assert rounds[0]["new_examples"] > 0
 
     # nothing new since: the cron check does not start another round
-    assert training.check()["new_examples"] == 0
+    assert loop.check()["new_examples"] == 0
 
 
 def test_a_failed_round_leaves_the_champion_serving(
@@ -102,7 +102,7 @@ def test_a_failed_round_leaves_the_champion_serving(
     collect_votes(gw.url, 10)
     drain(redis_url, loop_env)
     monkeypatch.setenv("PAIRLOOP_INJECT_FAILURE", "error")
-    result = training.train_round("manual")
+    result = loop.train_round("manual")
     assert result["status"] == "failed" and "injected" in result["error"]
     assert not rdb.exists(LOCK_KEY), "a failed round must release the lock"
     data = chat_pair(gw.url, max_tokens=8)
@@ -111,7 +111,7 @@ def test_a_failed_round_leaves_the_champion_serving(
     monkeypatch.setenv("PAIRLOOP_INJECT_FAILURE", "nan")
     collect_votes(gw.url, 10, first_seed=1000)
     drain(redis_url, loop_env)
-    result = training.train_round("manual")
+    result = loop.train_round("manual")
     assert result["status"] == "rejected" and "not finite" in result["gate"]["reasons"][0]
     assert statuses(loop_env) == {result["adapter"]: "rejected"}
     r = admin(gw.url, "POST", f"/admin/adapters/{result['adapter']}/promote")
@@ -124,13 +124,13 @@ def test_the_check_and_the_admin_api_start_one_round_at_a_time(
     make_gateway: GatewayFactory, engine: EngineProcess, loop_env: str, redis_url: str, rdb: redis.Redis
 ) -> None:
     gw = make_gateway([engine.url], feedback={"database_url": loop_env})
-    assert training.check() == {"new_examples": 0}
+    assert loop.check() == {"new_examples": 0}
     collect_votes(gw.url, 20)  # a quarter of them held out: about 15 count, 8 start a round
     drain(redis_url, loop_env)
-    out = training.check()
+    out = loop.check()
     assert out["new_examples"] >= 8 and "round" in out
     assert rdb.llen("rq:queue:pairloop-training") == 1
-    assert training.check()["round"] == "pending"
+    assert loop.check()["round"] == "pending"
     r = admin(gw.url, "POST", "/admin/train")
     assert r.status_code == 409 and "already" in r.json()["error"]["message"]
     rdb.delete("rq:queue:pairloop-training")
@@ -139,7 +139,7 @@ def test_the_check_and_the_admin_api_start_one_round_at_a_time(
     assert rdb.llen("rq:queue:pairloop-training") == 1
     rdb.set(LOCK_KEY, "another-round", ex=60)
     with pytest.raises(RoundBusy):
-        training.train_round("manual")
+        loop.train_round("manual")
 
 
 def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
@@ -155,7 +155,7 @@ def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
     name = make_adapter(tiny_model, loop_env, tmp_path, 1, seed=5)
     wait_for_backends(redis_url)
     monkeypatch.setenv("PAIRLOOP_AB_FRACTION", "1.0")
-    assert training._advance(TrainerSettings(), name) == ("challenger", None)
+    assert loop._advance(TrainerSettings(), name) == ("challenger", None)
     assert statuses(loop_env) == {name: "challenger"}
     deadline = time.monotonic() + 5
     served: set[str] = set()

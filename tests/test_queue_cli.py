@@ -15,12 +15,12 @@ from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
 from deploy.local.redis_server import EmbeddedRedis
+from feedback import jobs
 from feedback.queue import Claim, FeedbackQueue
 from feedback.schema import FeedbackEvent
 from tests.cli_helpers import cli
 from tests.feedback_helpers import drain, stored_feedback
 from tests.store_helpers import event, record
-from workers import jobs
 from workers.runner import FeedbackWorker, make_worker
 from workers.settings import WorkerSettings
 

@@ -25,9 +25,10 @@ from deploy.migrations import upgrade
 from feedback.store import save_event
 from tests.store_helpers import event, record
 from trainer.errors import RoundBusy
+from trainer.loop import check
 from trainer.queue import LOCK_KEY, RoundLock, enqueue_round
 from trainer.settings import TrainerSettings
-from workers.training import JsonCronJob, check
+from workers.cron import JsonCronJob
 
 
 def test_two_cron_schedulers_enqueue_one_check_per_interval(valkey: EmbeddedRedis) -> None:

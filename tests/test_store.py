@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session
 
 from deploy.migrations import alembic_config, current, head, metadata
 from feedback.export import Format, dpo_rows, export, kto_rows, write
+from feedback.jobs import configure, store_feedback
 from feedback.schema import FeedbackEvent
 from feedback.store import Completion, Feedback, save_event
 from tests.store_helpers import event, record
-from workers.jobs import configure, store_feedback
 
 
 def save(store_url: str, *events: FeedbackEvent) -> list[bool]:

@@ -3,7 +3,7 @@
 One round at a time: a round holds `pairloop:training:lock` (`RoundLock`), a Redis key with a short TTL that a
 thread of the round renews while it runs. A round whose process was SIGKILLed stops renewing it, so the next
 round can start `LOCK_TTL_S` later, not after the hour a round may take. The round itself runs in
-`workers/training.py` (`workers.training.train_round`, the name RQ stores with each job).
+`trainer/loop.py` (`trainer.loop.train_round`, the name RQ stores with each job).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 LOCK_KEY = "pairloop:training:lock"
 LOCK_TTL_S = 30
 """How long the lock outlives the last renewal (renewed every third of it)."""
-ROUND_FUNCTION = "workers.training.train_round"
+ROUND_FUNCTION = "trainer.loop.train_round"
+CHECK_FUNCTION = "trainer.loop.check"
 
 # KEYS: the lock. ARGV: its holder's token, then the new TTL in ms (renew) or nothing (release).
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"

@@ -1,36 +1,9 @@
-"""The jobs the workers run. RQ imports them by name (`workers.jobs.store_feedback`) with JSON arguments."""
+"""Release 0.1's name of the feedback job, kept for one release: an event queued by a 0.1 gateway
+(`workers.jobs.store_feedback`, the whole completion record in its payload) is still stored after an upgrade.
+The job itself lives in `feedback/jobs.py`; remove this module in release 0.3."""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from feedback.jobs import store_feedback
 
-from sqlalchemy.orm import Session
-
-from feedback.schema import FeedbackEvent
-from feedback.store import engine_for, save_event
-from workers.settings import WorkerSettings
-
-log = logging.getLogger(__name__)
-
-_store_url: str | None = None
-
-
-def configure(store_url: str | None) -> None:
-    """Point this process's jobs at a store (the worker does this at start; default: from the environment)."""
-    global _store_url
-    _store_url = store_url
-
-
-def store_feedback(payload: dict[str, Any]) -> bool:
-    """Persist one feedback event. Idempotent: a second run of the same event stores nothing and succeeds.
-
-    Returns whether this run stored it (False: it was already there).
-    """
-    event = FeedbackEvent.model_validate(payload)
-    url = _store_url or WorkerSettings().store_url()
-    with Session(engine_for(url)) as session, session.begin():
-        stored = save_event(session, event)
-    if not stored:
-        log.info("feedback %s was stored already", event.feedback_id)
-    return stored
+__all__ = ["store_feedback"]

@@ -29,9 +29,9 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
+from feedback import jobs
 from feedback.queue import make_queue
 from serving.redis_client import connect_sync
-from workers import jobs
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -214,12 +214,12 @@ def run(
     One process is one worker; run more feedback workers for more throughput (PostgreSQL takes their writes
     in parallel, SQLite one at a time).
     """
+    from trainer import loop
     from trainer.queue import training_queue
     from trainer.settings import TrainerSettings
-    from workers import training as training_jobs
 
     jobs.configure(settings.store_url())
-    training_jobs.configure(redis_url)
+    loop.configure(redis_url)
     os.register_at_fork(after_in_child=_children_die_with_worker)
     connection = connect_sync(redis_url)
     trainer = TrainerSettings()

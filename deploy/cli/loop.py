@@ -69,17 +69,17 @@ def train(
     """Start a training round by hand: queued for the training worker, or with --now run here."""
     import redis
 
+    from trainer import loop
     from trainer.errors import RoundBusy
     from trainer.queue import enqueue_round
-    from workers import training
 
     settings = trainer_settings(data_dir)
     url = redis_url(worker_settings(data_dir))
-    training.configure(url)
+    loop.configure(url)
     try:
         if now:
             setup_logging()
-            typer.echo(json.dumps(training.train_round("manual"), default=str))
+            typer.echo(json.dumps(loop.train_round("manual"), default=str))
         else:
             job = enqueue_round(redis.Redis.from_url(url, socket_connect_timeout=5), settings, "manual")
             typer.echo(json.dumps({"job": job.id, "queue": settings.training_queue}))
@@ -91,7 +91,7 @@ def train(
 
 def cron(data_dir: DataDir = None) -> None:
     """Run RQ's cron scheduler: every `check_interval_s`, judge the challenger and start a round if due."""
-    from workers.training import run_cron
+    from workers.cron import run_cron
 
     setup_logging()
     run_cron(redis_url(worker_settings(data_dir)), trainer_settings(data_dir))
