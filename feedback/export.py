@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +70,20 @@ def _events(session: Session, since: dt.datetime | None) -> Iterator[tuple[Feedb
     yield from session.execute(query).tuples()
 
 
+Events = Iterable[tuple[Feedback, Completion]]
+
+
 def dpo_rows(session: Session, since: dt.datetime | None = None) -> tuple[list[dict[str, Any]], ExportReport]:
+    return dpo_rows_of(_events(session, since))
+
+
+def kto_rows(session: Session, since: dt.datetime | None = None) -> tuple[list[dict[str, Any]], ExportReport]:
+    return kto_rows_of(_events(session, since))
+
+
+def dpo_rows_of(events: Events) -> tuple[list[dict[str, Any]], ExportReport]:
+    """DPO rows of `events` in their order (a rating pair where its `up` comes). A rating's opposite must be among
+    `events` for the pair to form."""
     report = ExportReport("dpo")
     rows: list[dict[str, Any]] = []
     ratings: dict[tuple[str, str, str], dict[str, tuple[int, Feedback]]] = {}
@@ -92,7 +105,7 @@ def dpo_rows(session: Session, since: dt.datetime | None = None) -> tuple[list[d
                 }
             )
 
-    for f, c in _events(session, since):
+    for f, c in events:
         report.events += 1
         if f.kind == "pairwise":
             if f.preference in ("0", "1"):
@@ -118,7 +131,8 @@ def dpo_rows(session: Session, since: dt.datetime | None = None) -> tuple[list[d
     return rows, report
 
 
-def kto_rows(session: Session, since: dt.datetime | None = None) -> tuple[list[dict[str, Any]], ExportReport]:
+def kto_rows_of(events: Events) -> tuple[list[dict[str, Any]], ExportReport]:
+    """KTO rows of `events`, each event's rows on its own."""
     report = ExportReport("kto")
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str, str, str, bool]] = set()
@@ -142,7 +156,7 @@ def kto_rows(session: Session, since: dt.datetime | None = None) -> tuple[list[d
             }
         )
 
-    for f, c in _events(session, since):
+    for f, c in events:
         report.events += 1
         if f.kind == "pairwise":
             if f.preference in ("0", "1"):

@@ -8,6 +8,7 @@ stored twice (a worker killed between its commit and RQ's acknowledgement) is st
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from functools import cache
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -36,6 +38,14 @@ log = logging.getLogger(__name__)
 
 def utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def split_of(completion_id: str) -> float:
+    """Where a completion falls in [0, 1): the first 8 bytes of the SHA-256 of its id. The trainer holds out the
+    completions below its `holdout_fraction` and samples replay and evaluation rows by ranges of it (an index
+    scan, whatever the store's size); every vote on one completion shares it."""
+    digest = hashlib.sha256(completion_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 class Base(DeclarativeBase):
@@ -87,8 +97,20 @@ class Feedback(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     stored_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    split: Mapped[float] = mapped_column(Float, index=True)
+    """`split_of(completion_id)`, kept here so that the trainer's queries can use an index on it."""
+    round_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    """The training round that took this event as new data (it trained on it, or passed it over: held out, of no
+    use to its loss, over a judge's share); NULL until one does. Written by the trainer (`trainer/data.py`)."""
 
     __table_args__ = (
+        # What no round has taken yet: the periodic check counts these, whatever the store's size.
+        Index(
+            "ix_feedback_pending",
+            "received_at",
+            sqlite_where=text("round_id IS NULL"),
+            postgresql_where=text("round_id IS NULL"),
+        ),
         # One pairwise vote per completion and judge; one rating and one edit per choice and judge.
         Index(
             "uq_feedback_vote",
@@ -182,6 +204,7 @@ def feedback_row(event: FeedbackEvent) -> dict[str, Any]:
         "comment": event.comment,
         "received_at": utc(event.received_at),
         "stored_at": dt.datetime.now(dt.UTC),
+        "split": split_of(event.completion.id),
     }
 
 

@@ -4,19 +4,25 @@ fails leaves the champion serving; the cron check and `POST /admin/train` start 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
 from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
+from feedback.store import save_event
+from serving.routing import ROUTING_KEY
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
 from tests.gateway_helpers import LEARNING_ENV, MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends
-from trainer import loop
+from tests.store_helpers import event, record
+from trainer import loop, registry
 from trainer.errors import RoundBusy
 from trainer.queue import LOCK_KEY
 from trainer.settings import TrainerSettings
@@ -162,3 +168,36 @@ def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
     while served != {MODEL_NAME, name}:
         assert time.monotonic() < deadline, served
         served = {c["adapter"] for c in chat_pair(gw.url, max_tokens=8)["pairloop"]["choices"]}
+
+
+def test_a_round_over_its_budget_stops_and_leaves_the_champion(
+    loop_env: str, redis_url: str, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round with far more work than its one-second budget stops at the end of a step, is marked so, makes no
+    adapter and changes nothing that is served; what it took stays taken (it is not retried for ever)."""
+    engine = create_engine(loop_env)
+    with Session(engine) as session, session.begin():
+        for i in range(40):
+            save_event(
+                session, event(record(f"Short {i}.", f"A longer answer {i}."), judge=f"j{i % 8}", preference="0")
+            )
+    monkeypatch.setenv("PAIRLOOP_ROUND_BUDGET_S", "1")
+    monkeypatch.setenv("PAIRLOOP_TRAIN__EPOCHS", "500")
+    before = rdb.get(ROUTING_KEY)
+    started = time.monotonic()
+
+    result = loop.train_round("manual")
+
+    elapsed = time.monotonic() - started
+    assert result["status"] == "over_budget", result
+    assert "budget of 1 s" in result["error"] and "training steps" in result["error"]
+    done, planned = (int(n) for n in re.search(r"after (\d+) of (\d+)", result["error"]).groups())  # type: ignore[union-attr]
+    assert done < planned / 10, result["error"]
+    assert elapsed < 120, f"500 epochs would take far longer; the round took {elapsed:.0f} s"
+    assert statuses(loop_env) == {}  # no adapter registered
+    assert rdb.get(ROUTING_KEY) == before and not rdb.exists(LOCK_KEY)
+    with Session(engine) as session:
+        rounds = registry.rounds(session)
+        assert [(r.status, r.new_examples > 0) for r in rounds] == [("over_budget", True)]
+        assert loop.count_new(session, TrainerSettings()) == 0
+    engine.dispose()

@@ -15,5 +15,9 @@ class RoundFailed(TrainerError):
     """A round made no adapter (a crash, an injected failure, no data); the champion stays."""
 
 
+class RoundOverBudget(RoundFailed):
+    """A round ran past its wall-clock budget (`round_budget_s`) and stopped; no adapter, the champion stays."""
+
+
 class RoundBusy(TrainerError):
     """Another round holds the lock."""

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import redis
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from feedback.store import engine_for
 from serving.errors import AdapterError
 from serving.redis_client import connect_sync
 from trainer import registry
-from trainer.data import count_new, select_round
-from trainer.errors import RoundFailed
+from trainer.data import count_new, give_back, select_round, take
+from trainer.errors import RoundFailed, RoundOverBudget
 from trainer.promotion import Promotions, remote_promotions
 from trainer.publish import local_copy, publish
 from trainer.queue import LOCK_TTL_S, RoundLock, enqueue_round, round_pending
@@ -80,7 +81,7 @@ def check() -> dict[str, Any]:
             out["round"] = "pending"
             return out
         with Session(engine_for(settings.store_url())) as session:
-            new = count_new(session, registry.watermark(session), settings)
+            new = count_new(session, settings)
         out["new_examples"] = new
         if new >= settings.min_new_examples:
             out["round"] = enqueue_round(connection, settings, "cron").id
@@ -111,22 +112,27 @@ def train_round(trigger: str = "manual") -> dict[str, Any]:
 def _train(settings: TrainerSettings, trigger: str) -> dict[str, Any]:
     from trainer.round import run_round  # torch: only in the process that trains
 
+    deadline = time.monotonic() + settings.round_budget_s
     store = engine_for(settings.store_url())
     routing = asyncio.run(_with_promotions(settings, lambda p: p.routing()))
     with Session(store) as session:
-        # Holding the lock, no other round runs: one still marked running crashed. Its data was never used, so
-        # it does not move the watermark (data_until): this round offers the same examples again.
+        # Holding the lock, no other round runs: one still marked running crashed. What it took was never
+        # learned from, so it is pending again and this round offers it anew.
+        crashed = list(
+            session.scalars(select(registry.TrainingRound.id).where(registry.TrainingRound.status == "running"))
+        )
+        give_back(session, crashed)
         session.execute(
             update(registry.TrainingRound)
-            .where(registry.TrainingRound.status == "running")
+            .where(registry.TrainingRound.id.in_(crashed))
             .values(
                 status="failed",
                 error="interrupted: its training worker died mid-round (the round is run again)",
-                data_until=None,
                 finished_at=registry.now(),
             )
         )
-        data = select_round(session, registry.watermark(session), settings)
+        version = registry.next_version(session)
+        data = select_round(session, settings, salt=version)
         parent = registry.get(session, routing.champion) if routing.champion else None
         row = registry.TrainingRound(
             trigger=trigger,
@@ -138,17 +144,19 @@ def _train(settings: TrainerSettings, trigger: str) -> dict[str, Any]:
             started_at=registry.now(),
         )
         session.add(row)
-        version = registry.next_version(session)
+        session.flush()
+        take(session, row.id, data, settings)
         session.commit()
         round_id = row.id
         parent_ref = (parent.name, parent.path) if parent else None
     try:
         parent_dir = (parent_ref[0], local_copy(settings, *parent_ref)) if parent_ref else None
-        result = run_round(data, parent_dir, version, settings)
+        result = run_round(data, parent_dir, version, settings, deadline=deadline)
     except RoundFailed as exc:
-        _finish(store, round_id, "failed", error=exc.message)
-        log.error("round %d failed: %s", round_id, exc.message)
-        return {"round": round_id, "status": "failed", "error": exc.message}
+        status = "over_budget" if isinstance(exc, RoundOverBudget) else "failed"
+        _finish(store, round_id, status, error=exc.message)
+        log.error("round %d %s: %s", round_id, status.replace("_", " "), exc.message)
+        return {"round": round_id, "status": status, "error": exc.message}
     path, publish_error = str(result.path), None
     if result.decision.passed:
         try:

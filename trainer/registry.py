@@ -66,8 +66,8 @@ class TrainingRound(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     trigger: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
-    """running, then failed (no adapter), rejected (by the gate), challenger, promoted, or passed (the gate
-    passed but serving it failed: it stays a candidate)."""
+    """running, then failed (no adapter), over_budget (stopped at `round_budget_s`, no adapter), rejected (by the
+    gate), challenger, promoted, or passed (the gate passed but serving it failed: it stays a candidate)."""
     parent: Mapped[str | None] = mapped_column(String(64))
     adapter: Mapped[str | None] = mapped_column(String(64))
     new_examples: Mapped[int] = mapped_column(Integer, default=0)
@@ -120,12 +120,6 @@ def set_status(session: Session, adapter: Adapter, status: Status, reason: str |
         adapter.reason = reason
     if status == "champion":
         adapter.promoted_at = now()
-
-
-def watermark(session: Session) -> dt.datetime | None:
-    """Feedback received up to this time has been offered to a round already (whatever its outcome)."""
-    value = session.scalar(select(func.max(TrainingRound.data_until)).where(TrainingRound.status != "running"))
-    return aware(value) if value is not None else None
 
 
 def rounds(session: Session, limit: int = 20) -> list[TrainingRound]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.data import RoundData, Row
-from trainer.errors import RoundFailed
+from trainer.errors import RoundFailed, RoundOverBudget
 from trainer.registry import adapter_name
 from trainer.settings import TrainerSettings
 
@@ -98,6 +98,14 @@ def base_model_path(settings: TrainerSettings) -> str:
     return str(path)
 
 
+def limit_threads(threads: int) -> None:
+    """At most `threads` CPU threads for torch's operations in this process (0: leave torch's default)."""
+    import torch
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def load_model(base: str, parent: Path | None, settings: TrainerSettings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model with a trainable adapter: the champion's (a copy of it) or a fresh one."""
     import torch
@@ -133,10 +141,37 @@ def _train_columns(rows: list[Row], method: str) -> list[Row]:
     return [{k: r[k] for k in keep} for r in rows]
 
 
+def _past(deadline: float | None, what: str, settings: TrainerSettings) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise RoundOverBudget(f"the round ran past its budget of {settings.round_budget_s} s {what}")
+
+
+def _budget_callback(deadline: float | None) -> Any:
+    """A TRL/transformers callback that ends training at the first step past `deadline` (`stopped` says so)."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        stopped = False
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if deadline is not None and time.monotonic() > deadline:
+                self.stopped = True
+                control.should_training_stop = True
+            return control
+
+    return Budget()
+
+
 def train(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, data: RoundData, settings: TrainerSettings, out: Path
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: RoundData,
+    settings: TrainerSettings,
+    out: Path,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Train the candidate adapter in place; the training figures."""
+    """Train the candidate adapter in place; the training figures. Past `deadline` (time.monotonic()) it stops
+    at the end of the step and raises RoundOverBudget."""
     import datasets
     import torch
 
@@ -172,9 +207,16 @@ def train(
     if "ref" in trainer.model.peft_config:
         trainer.model.delete_adapter("ref")  # the reference is the base model (see the module's docstring)
     trainer.model.set_adapter(CANDIDATE)
+    budget = _budget_callback(deadline)
+    trainer.add_callback(budget)
     started = time.perf_counter()
     result = trainer.train()
     elapsed = time.perf_counter() - started
+    if budget.stopped:
+        steps = f"{trainer.state.global_step} of {trainer.state.max_steps}"
+        raise RoundOverBudget(
+            f"the round ran past its budget of {settings.round_budget_s} s and stopped after {steps} training steps"
+        )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     loss = float(result.training_loss)
     if settings.inject_failure == "nan":
@@ -333,8 +375,16 @@ def _digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def run_round(data: RoundData, parent: tuple[str, Path] | None, version: int, settings: TrainerSettings) -> RoundResult:
-    """Train, score and save one candidate adapter. Raises `RoundFailed` when no adapter could be made."""
+def run_round(
+    data: RoundData,
+    parent: tuple[str, Path] | None,
+    version: int,
+    settings: TrainerSettings,
+    deadline: float | None = None,
+) -> RoundResult:
+    """Train, score and save one candidate adapter. Raises `RoundFailed` when no adapter could be made, and its
+    `RoundOverBudget` when it runs past `deadline` (time.monotonic(); checked at every training step and between
+    the gate's phases)."""
     started = time.time()
     if settings.inject_failure == "error":
         raise RoundFailed("injected failure (PAIRLOOP_INJECT_FAILURE=error)")
@@ -345,12 +395,17 @@ def run_round(data: RoundData, parent: tuple[str, Path] | None, version: int, se
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".round-", dir=root))
     try:
+        limit_threads(settings.train_threads)
         model, tokenizer = load_model(base, parent[1] if parent else None, settings)
-        figures = train(model, tokenizer, data, settings, work / "trainer")
+        _past(deadline, "loading the model", settings)
+        figures = train(model, tokenizer, data, settings, work / "trainer", deadline)
         model.eval()
         champion_adapter = CHAMPION if parent else None
+        _past(deadline, "after training", settings)
         candidate_scores = score(model, tokenizer, data.eval, data.method, CANDIDATE, settings)
+        _past(deadline, "scoring the candidate", settings)
         champion_scores = score(model, tokenizer, data.eval, data.method, champion_adapter, settings)
+        _past(deadline, "scoring the champion", settings)
         decision = gate(candidate_scores, champion_scores, figures["loss"], settings, len(data.eval))
         staged = work / "adapter"
         model.save_pretrained(str(staged), selected_adapters=[CANDIDATE])

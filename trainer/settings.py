@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from serving.settings import ENV_PREFIX, PairloopSettings
@@ -98,7 +98,33 @@ class TrainerSettings(PairloopSettings):
     )
     check_interval_s: int = Field(30, ge=1, description="How often the cron job looks for enough new examples.")
     min_new_examples: int = Field(64, ge=1, description="Usable new examples that start a round.")
-    round_timeout_s: int = Field(3600, ge=60, description="Longest round (RQ stops it then and fails it).")
+    round_timeout_s: int = Field(
+        3600, ge=60, description="Longest a round's job may run: RQ kills it then (the budget below stops it first)."
+    )
+    round_budget_s: int = Field(
+        1800,
+        ge=1,
+        description="Wall-clock budget of a round: one still training or scoring then stops, is marked "
+        "`over_budget`, and leaves the champion as it was. Below `round_timeout_s`.",
+    )
+    max_round_examples: int = Field(
+        512,
+        ge=8,
+        description="Most training rows one round takes: the newest pending examples plus their replay share; "
+        "the older pending ones wait for the next round (the backlog).",
+    )
+    train_threads: int = Field(
+        1,
+        ge=0,
+        description="CPU threads a round's torch may use (0: torch's default, every core). On a machine shared with "
+        "vLLM's CPU engine, few threads leave serving its cores.",
+    )
+    train_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much the training worker lowers its CPU priority (nice); 0: none. Serving goes first.",
+    )
     replay_fraction: float = Field(
         0.5, ge=0, le=10, description="Older examples replayed per new one (guards against forgetting)."
     )
@@ -137,6 +163,15 @@ class TrainerSettings(PairloopSettings):
     inject_failure: Literal["", "error", "nan"] = Field(
         "", description="Testing only: make every round fail (`error`) or produce a non-finite loss (`nan`)."
     )
+
+    @model_validator(mode="after")
+    def _budget_under_timeout(self) -> TrainerSettings:
+        if self.round_budget_s >= self.round_timeout_s:
+            raise ValueError(
+                f"round_budget_s ({self.round_budget_s}) must be below round_timeout_s ({self.round_timeout_s}): "
+                "a round stops itself at its budget, RQ kills it at the timeout"
+            )
+        return self
 
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"

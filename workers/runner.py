@@ -223,6 +223,10 @@ def run(
     os.register_at_fork(after_in_child=_children_die_with_worker)
     connection = connect_sync(redis_url)
     trainer = TrainerSettings()
+    if training and trainer.train_nice:
+        # Serving first: on a machine it shares with vLLM's CPU engine and the gateway, a round takes what they
+        # leave (its torch threads, made later, inherit this). docs/PERFORMANCE.md, "Training beside serving".
+        os.nice(trainer.train_nice)
     if training:
         control = Queue(trainer.control_queue, connection=connection, serializer=JSONSerializer)
         queues = [control, training_queue(connection, trainer)]
