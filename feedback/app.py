@@ -37,6 +37,7 @@ def extension(feedback: FeedbackSettings) -> Extension:
             settings.token_secrets(),
             app.state.metrics.registry,
             retry_after_s=settings.retry_after_s,
+            memory=app.state.redis_memory,
         )
         app.state.feedback = service
         app.state.store = make_engine(feedback.store_url())

@@ -33,14 +33,16 @@ from rq.worker import Worker
 from feedback.settings import FeedbackSettings
 
 JOB_FUNCTION = "feedback.jobs.store_feedback"
-FAILURE_TTL_S = 30 * 24 * 3600
 
-# KEYS: the claim keys. ARGV: the claim count, the claims' TTL in ms, the claim values, then the commands that
-# enqueue the job: their count, and for each its argument count and arguments.
-# Returns nil when the claims were set and the job written; else the claims' current values (nil where free).
+# KEYS: the claim keys, then the completion's record. ARGV: the claim count, the claims' TTL in ms, how long the
+# record must still live in ms, the claim values, then the commands that enqueue the job: their count, and for
+# each its argument count and arguments.
+# Returns nil when the claims were set and the job written; 'gone' when the record has expired; else the claims'
+# current values (nil where free).
 _SUBMIT = """
 local n = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
+local hold = tonumber(ARGV[3])
 local values = {}
 local taken = false
 for i = 1, n do
@@ -55,21 +57,30 @@ if taken then
   end
   return values
 end
+local record = KEYS[n + 1]
+local left = redis.call('PTTL', record)
+if left == -2 then return 'gone' end
 for i = 1, n do
-  redis.call('SET', KEYS[i], ARGV[2 + i], 'PX', ttl)
+  redis.call('SET', KEYS[i], ARGV[3 + i], 'PX', ttl)
 end
-local pos = 3 + n
+local pos = 4 + n
 for c = 1, tonumber(ARGV[pos]) do
   local argc = tonumber(ARGV[pos + 1])
   redis.call(unpack(ARGV, pos + 2, pos + 1 + argc))
   pos = pos + 1 + argc
 end
+-- The job names the record: it must outlive the job's wait in the queue.
+if left >= 0 and left < hold then redis.call('PEXPIRE', record, hold) end
 return nil
 """
 
 
 class QueueUnavailable(Exception):
     """Redis cannot be reached, or it could not make the event durable: nothing was acknowledged."""
+
+
+class RecordGone(Exception):
+    """The completion's record expired between the checks and the enqueue: nothing was queued."""
 
 
 @dataclass(frozen=True)
@@ -131,26 +142,31 @@ class FeedbackQueue:
             description=f"store feedback {job_id}",
             timeout=self.settings.job_timeout_s,
             result_ttl=0,
-            failure_ttl=FAILURE_TTL_S,
+            failure_ttl=self.settings.job_failure_ttl_s,
             retry=self._retry,
             pipeline=recorder,  # type: ignore[arg-type]
         )
         return recorder.commands
 
-    async def submit(self, job_id: str, payload: dict[str, Any], claims: list[Claim]) -> dict[str, str | None] | None:
-        """Enqueue `payload` as job `job_id` with its claims, durably; or, when a claim is taken, nothing.
+    async def submit(
+        self, job_id: str, payload: dict[str, Any], claims: list[Claim], record_key: str
+    ) -> dict[str, str | None] | None:
+        """Enqueue `payload` as job `job_id` with its claims, durably, keeping the completion's record at
+        `record_key` at least `feedback_record_hold_s` longer; or, when a claim is taken, nothing.
 
         Returns None when the job was enqueued, else the current value of every claim key (None where
         free): the caller decides whether that is a retry of the same event or a conflict.
-        Raises QueueUnavailable when Redis is unreachable or the write could not be made durable.
+        Raises QueueUnavailable when Redis is unreachable or the write could not be made durable, and
+        RecordGone when the record expired meanwhile.
         """
         ttl_ms = 1000 * min((c.ttl_s for c in claims), default=1)
-        args: list[Any] = [len(claims), ttl_ms, *(c.value for c in claims)]
+        hold_ms = 1000 * self.settings.feedback_record_hold_s
+        args: list[Any] = [len(claims), ttl_ms, hold_ms, *(c.value for c in claims)]
         commands = self._job_commands(job_id, payload)
         args.append(len(commands))
         for command in commands:
             args += [len(command), *(a.value if isinstance(a, Enum) else a for a in command)]
-        keys = [c.key for c in claims]
+        keys = [*(c.key for c in claims), record_key]
         try:
             results = await self._run(keys, args)
             if isinstance(results[0], NoScriptError):  # a restarted Redis forgot the script
@@ -165,6 +181,8 @@ class FeedbackQueue:
             self._check_fsync(results[1])
         if taken is None:
             return None
+        if taken == b"gone":
+            raise RecordGone(record_key)
         return {c.key: None if v is None else v.decode() for c, v in zip(claims, taken, strict=True)}
 
     async def _run(self, keys: list[str], args: list[Any]) -> list[Any]:

@@ -1,8 +1,8 @@
 """The feedback request (what a client sends), the event (what is queued and stored), and the answer.
 
-A request names a served completion and brings its feedback token back. The event that is queued carries
-the completion as the gateway recorded it, never text from the client (an opt-in `edit` is the one
-exception, and it is marked user-written).
+A request names a served completion and brings its feedback token back. The event that is queued names the
+completion by id; the worker stores it with the completion as the gateway recorded it in Redis, never text from
+the client (an opt-in `edit` is the one exception, and it is marked user-written).
 """
 
 from __future__ import annotations
@@ -91,12 +91,9 @@ def claim_value(request: PairwiseFeedback | RatingFeedback | EditFeedback) -> st
     return hashlib.sha256(request.text.encode()).hexdigest()[:32]
 
 
-class FeedbackEvent(BaseModel):
-    """One accepted event, as queued for the workers and stored: self-contained and traceable."""
-
+class _Event(BaseModel):
     feedback_id: str
     kind: Literal["pairwise", "rating", "edit"]
-    completion: CompletionRecord
     judge_key_id: str
     judge_user: str
     """The judging user, or "" when neither the request nor the completion named one."""
@@ -106,6 +103,26 @@ class FeedbackEvent(BaseModel):
     edit_text: str | None = None
     comment: str | None = None
     received_at: float
+
+
+class QueuedEvent(_Event):
+    """What a feedback job carries: the event, naming its completion by id. The worker reads the completion's
+    record from Redis (the queue holds no second copy of it)."""
+
+    completion_id: str
+
+    def with_completion(self, completion: CompletionRecord) -> FeedbackEvent:
+        return FeedbackEvent(**self.model_dump(exclude={"completion_id"}), completion=completion)
+
+
+class FeedbackEvent(_Event):
+    """One accepted event with its completion as the gateway recorded it: self-contained and traceable, what is
+    stored."""
+
+    completion: CompletionRecord
+
+    def queued(self) -> QueuedEvent:
+        return QueuedEvent(**self.model_dump(exclude={"completion"}), completion_id=self.completion.id)
 
     @classmethod
     def from_request(

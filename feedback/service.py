@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from feedback.errors import CompletionExpired, CompletionNotFound, FeedbackConflict, InvalidFeedback, TokenRejected
-from feedback.queue import Claim, FeedbackQueue, QueueUnavailable
+from feedback.queue import Claim, FeedbackQueue, QueueUnavailable, RecordGone
 from feedback.schema import (
     EditFeedback,
     FeedbackAccepted,
@@ -36,6 +36,7 @@ from serving.auth import Principal
 from serving.errors import Unavailable
 from serving.protocol import CompletionRecord
 from serving.ratelimit import RateLimiter
+from serving.redis_memory import RedisMemory
 
 AnyFeedback = PairwiseFeedback | RatingFeedback | EditFeedback
 
@@ -54,8 +55,10 @@ class FeedbackService:
         registry: CollectorRegistry,
         *,
         retry_after_s: int = 5,
+        memory: RedisMemory | None = None,
     ) -> None:
         self.settings = settings
+        self.memory = memory
         self.redis = redis
         self.queue = queue
         self.limiter = limiter
@@ -71,6 +74,8 @@ class FeedbackService:
     async def accept(self, request: AnyFeedback, caller: Principal) -> dict[str, Any]:
         """The 202 answer for `request`; raises a ServingError for every refusal."""
         self._check_limits(request)
+        if self.memory is not None:
+            self.memory.admit("feedback")
         now = time.time()
         record = await self._record(request, caller, now)
         judge_user = self._judge(request, record)
@@ -97,12 +102,19 @@ class FeedbackService:
             received_at=now,
         )
         try:
-            taken = await self.queue.submit(feedback_id, event.model_dump(mode="json"), claims)
+            taken = await self.queue.submit(
+                feedback_id, event.queued().model_dump(mode="json"), claims, records.record_key(record.id)
+            )
         except QueueUnavailable as exc:
             raise Unavailable(
                 f"Feedback could not be queued durably ({exc}); retry with the same feedback_id.",
                 retry_after_s=self.retry_after_s,
             ) from exc
+        except RecordGone:
+            raise CompletionExpired(
+                f"Completion {record.id} is past its feedback window; feedback on it is closed.",
+                param="completion_id",
+            ) from None
         if taken is None:
             self.events.labels(request.kind, "accepted").inc()
             return answer

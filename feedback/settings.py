@@ -26,6 +26,18 @@ class FeedbackSettings(PairloopSettings):
     feedback_max_comment_chars: int = Field(2000, ge=0, le=20_000, description="Longest accepted comment.")
     queue_name: str = Field("pairloop-feedback", pattern=r"^[A-Za-z0-9_.-]+$", description="RQ queue of events.")
     job_timeout_s: int = Field(30, ge=1, description="Longest run of one job before RQ stops it and retries.")
+    job_failure_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=3600,
+        description="How long a job that failed its every retry stays in RQ's failed registry (`pairloop queue "
+        "retry-failed` runs it again), carrying its completion's record.",
+    )
+    feedback_record_hold_s: int = Field(
+        24 * 3600,
+        ge=60,
+        description="At least how long a completion's record stays in Redis after a vote on it is queued, so that "
+        "a worker finds it after a wait in the queue (a job carries the event, not a second copy of the record).",
+    )
     job_retry_intervals_s: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [0, 5, 30, 120, 600],
         description="Comma-separated waits before each retry of a failed job (the first at once: its worker may "

@@ -27,6 +27,7 @@ from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.middleware import Authenticate, BodyLimit, RequestMetrics
 from serving.ratelimit import RateLimiter
+from serving.redis_memory import RedisMemory
 from serving.settings import ServingSettings
 from serving.vllm_admin import VllmAdmin
 
@@ -123,8 +124,15 @@ def create_app(
                 unload_grace_s=settings.adapter_unload_grace_s,
             )
             app.state.adapters = adapters
+            memory = RedisMemory(
+                redis,
+                chat_limit=settings.redis_chat_limit,
+                feedback_limit=settings.redis_feedback_limit,
+                retry_after_s=settings.retry_after_s,
+            )
+            app.state.redis_memory = memory
             app.state.chat = ChatService(
-                settings, pool, client, redis, metrics, settings.secret.encode(), router=adapters
+                settings, pool, client, redis, metrics, settings.secret.encode(), router=adapters, memory=memory
             )
             app.state.redis = redis
             app.state.limiter = RateLimiter(redis, settings.rate_limits(), retry_after_s=settings.retry_after_s)
@@ -137,6 +145,7 @@ def create_app(
             await adapters.try_sync()  # ready the backends that are up before the first request (the loop retries)
             pool.start()
             adapters.start()
+            await memory.start()
             # Everything imported and built so far lives as long as the process: keep it out of the garbage
             # collector's full passes, which otherwise scan it all and stall the requests in flight
             # (bench/feedback.py: p99 from about 155 to 105 ms).
@@ -147,6 +156,7 @@ def create_app(
                         await stack.enter_async_context(extension(app))
                     yield
             finally:
+                await memory.stop()
                 await adapters.stop()
                 await pool.stop()
                 await admin_client.aclose()

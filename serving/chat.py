@@ -38,6 +38,7 @@ from serving.errors import (
 from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.protocol import ChatCompletionRequest, CompletionRecord, SamplingParams, ServedChoice
+from serving.redis_memory import RedisMemory
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,10 @@ class ChatService:
         metrics: Metrics,
         secret: bytes,
         router: AdapterRouter | None = None,
+        memory: RedisMemory | None = None,
     ) -> None:
         self.router = router
+        self.memory = memory
         self.settings = settings
         self.pool = pool
         self.client = client
@@ -137,6 +140,8 @@ class ChatService:
         raise ModelNotFound(f"The model '{model}' does not exist; this server serves '{public}'.", param="model")
 
     def plan(self, req: ChatCompletionRequest) -> Plan:
+        if self.memory is not None:
+            self.memory.admit("chat")  # before vLLM works on an answer whose record Redis could not take
         public = self.public_model()
         pinned = self.pinned(req.model, public)
         n = req.n if req.n is not None else self.settings.responses_per_request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from redis.asyncio import Redis
 
 from serving.protocol import CompletionRecord
@@ -21,4 +22,10 @@ async def save(redis: Redis, record: CompletionRecord, ttl_s: int) -> None:
 async def load(redis: Redis, completion_id: str) -> CompletionRecord | None:
     """The record, or None when it never existed or has expired."""
     raw = await redis.get(record_key(completion_id))
+    return None if raw is None else CompletionRecord.model_validate_json(raw)
+
+
+def load_sync(client: redis.Redis, completion_id: str) -> CompletionRecord | None:
+    """`load` for a synchronous client (the feedback worker's)."""
+    raw = client.get(record_key(completion_id))
     return None if raw is None else CompletionRecord.model_validate_json(raw)

@@ -148,6 +148,26 @@ class ServingSettings(PairloopSettings):
         "always",
         description="fsync policy of the embedded Redis' append-only file (`always`: every write, before the reply).",
     )
+    redis_maxmemory_mb: int = Field(
+        1024,
+        ge=16,
+        description="`maxmemory` of the embedded Redis, in MiB (with `noeviction`: full, it refuses writes rather "
+        "than drop a queued vote).",
+    )
+    redis_chat_limit: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Share of Redis's maxmemory above which the gateway refuses new chats (503 with Retry-After); "
+        "1: only when Redis itself refuses the record.",
+    )
+    redis_feedback_limit: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Share of Redis's maxmemory above which the gateway refuses feedback (503 with Retry-After); "
+        "the rest is the workers' and the training loop's.",
+    )
     vllm_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated vLLM servers: base URLs, or `dns+http://name:port` for every address of a DNS "
@@ -175,7 +195,12 @@ class ServingSettings(PairloopSettings):
         return tuple(s.encode() for s in (self.secret, self.secret_previous) if s)
 
     responses_per_request: int = Field(2, ge=1, le=2, description="Choices per request when `n` is absent.")
-    record_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long served completions stay in Redis.")
+    record_ttl_s: int = Field(
+        24 * 3600,
+        ge=60,
+        description="How long a served completion's record stays in Redis and its feedback token is valid: "
+        "feedback can arrive this long.",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a client may ask for.")
     upstream_timeout_s: float = Field(300.0, gt=0, description="Longest wait for one vLLM response.")
@@ -272,4 +297,9 @@ class ServingSettings(PairloopSettings):
         ids = [k.id for k in self.api_keys]
         if len(set(ids)) != len(ids):
             raise ValueError("PAIRLOOP_API_KEYS: key ids must be unique")
+        if self.redis_chat_limit > self.redis_feedback_limit:
+            raise ValueError(
+                "PAIRLOOP_REDIS_CHAT_LIMIT must not exceed PAIRLOOP_REDIS_FEEDBACK_LIMIT: a vote on a pair already "
+                "served goes before a new chat"
+            )
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -10,11 +11,15 @@ from typing import Any
 
 import httpx
 import redis
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from deploy.migrations import upgrade
 from feedback import jobs
+from feedback.queue import Claim, FeedbackQueue
+from feedback.schema import FeedbackEvent
+from feedback.settings import FeedbackSettings
 from feedback.store import Completion, Feedback
 from serving import records, tokens
 from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
@@ -62,6 +67,24 @@ def vote(completion: dict[str, Any], kind: str = "pairwise", **fields: Any) -> d
 
 def send(base: str, body: Any, key: str = "full", **kw: Any) -> httpx.Response:
     return httpx.post(f"{base}/v1/feedback", json=body, headers=auth(key), timeout=30, **kw)
+
+
+def submit_events(
+    redis_url: str, settings: FeedbackSettings, events: list[FeedbackEvent], claimed: bool = False
+) -> None:
+    """Queue `events` as the API does: each completion's record in Redis, then the event (with a claim on its
+    feedback id when `claimed`)."""
+
+    async def run() -> None:
+        async with AsyncRedis.from_url(redis_url) as client:
+            queue = FeedbackQueue(client, settings)
+            for e in events:
+                await records.save(client, e.completion, 3600)
+                claims = [Claim(f"t:{e.feedback_id}", "1", 60)] if claimed else []
+                payload = e.queued().model_dump(mode="json")
+                assert await queue.submit(e.feedback_id, payload, claims, records.record_key(e.completion.id)) is None
+
+    asyncio.run(run())
 
 
 def drain(redis_url: str, store_url: str, **settings: Any) -> None:

@@ -88,9 +88,11 @@ def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
     while time.monotonic() < deadline and served != [name, name]:
         served = [c["adapter"] for c in chat_pair(gw.url, max_tokens=8)["pairloop"]["choices"]]
     assert served == [name, name]
-    rounds = admin(gw.url, "GET", "/admin/train").json()["rounds"]
+    listing = admin(gw.url, "GET", "/admin/train").json()
+    rounds = listing["rounds"]
     assert rounds[0]["status"] == "promoted" and rounds[0]["decision"]["passed"] is True
-    assert rounds[0]["new_examples"] > 0
+    assert rounds[0]["new_examples"] > 0 and rounds[0]["data_until"]
+    assert listing["backlog"]["examples"] == 0  # the round took every vote (40 < PAIRLOOP_MAX_ROUND_EXAMPLES)
 
     # nothing new since: the cron check does not start another round
     assert loop.check()["new_examples"] == 0

@@ -16,6 +16,8 @@ from feedback.store import save_event
 from tests.cli_helpers import cli
 from tests.loop_helpers import make_adapter
 from tests.store_helpers import event, record
+from trainer.data import backlog
+from trainer.settings import TrainerSettings
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +44,12 @@ def test_adapter_and_train_commands(valkey: EmbeddedRedis, tiny_model: Path, tmp
         for i in range(16):  # the adapter wins every vote, shown first or second
             sides = (name, "pairloop-tiny") if i % 2 else ("pairloop-tiny", name)
             save_event(session, event(record(adapters=sides), judge=f"j{i}", preference=str(sides.index(name))))
+        waiting = backlog(session, TrainerSettings(data_dir=tmp_path, database_url=store))
     engine.dispose()
+    r = cli("adapters", "list", "--json", **env)
+    assert json.loads(r.stdout)["backlog"] == waiting and waiting["examples"] > 0
+    r = cli("adapters", "list", **env)
+    assert f"backlog: {waiting['examples']} {waiting['method']} examples wait" in r.stdout, r.stdout
     r = cli("adapters", "leaderboard", "--json", "--bootstrap", "20", **env)
     assert r.returncode == 0, r.stderr
     board = json.loads(r.stdout)

@@ -3,7 +3,6 @@ requeues them; the worker then stores them."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -11,15 +10,14 @@ import time
 from pathlib import Path
 
 import redis
-from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
 from deploy.local.redis_server import EmbeddedRedis
 from feedback import jobs
-from feedback.queue import Claim, FeedbackQueue
 from feedback.schema import FeedbackEvent
+from serving import records
 from tests.cli_helpers import cli
-from tests.feedback_helpers import drain, stored_feedback
+from tests.feedback_helpers import drain, stored_feedback, submit_events
 from tests.store_helpers import event, record
 from workers.runner import FeedbackWorker, make_worker
 from workers.settings import WorkerSettings
@@ -29,14 +27,7 @@ def test_failed_jobs_are_visible_and_can_be_retried(valkey: EmbeddedRedis, tmp_p
     settings = WorkerSettings(job_retry_intervals_s=[])
     events = [event(record()) for _ in range(3)]
 
-    async def submit() -> None:
-        async with AsyncRedis.from_url(valkey.url) as client:
-            queue = FeedbackQueue(client, settings)
-            for e in events:
-                claims = [Claim(f"t:{e.feedback_id}", "1", 60)]
-                assert await queue.submit(e.feedback_id, e.model_dump(mode="json"), claims) is None
-
-    asyncio.run(submit())
+    submit_events(valkey.url, settings, events, claimed=True)
 
     # The store is unreachable: every job fails, and without retries lands in the failed registry.
     jobs.configure("postgresql+psycopg://nobody@127.0.0.1:1/none")
@@ -62,6 +53,8 @@ def test_failed_jobs_are_visible_and_can_be_retried(valkey: EmbeddedRedis, tmp_p
     assert info.returncode == 0, info.stderr
     assert "pairloop-feedback" in info.stdout
 
+    # The records expire before anyone retries: each failed job kept its own copy.
+    assert connection.delete(*(records.record_key(e.completion.id) for e in events)) == 3
     retried = cli("queue", "retry-failed", PAIRLOOP_REDIS_URL=valkey.url)
     assert retried.returncode == 0 and "requeued 3" in retried.stdout
     store_url = f"sqlite:///{tmp_path / 'store.db'}"
@@ -98,12 +91,7 @@ def enqueue_one(
 ) -> tuple[FeedbackEvent, redis.Redis, FeedbackWorker, Queue]:
     """One event queued through the API's queue, and a worker (not started) on that queue."""
     e = event(record())
-
-    async def submit() -> None:
-        async with AsyncRedis.from_url(valkey.url) as client:
-            await FeedbackQueue(client, settings).submit(e.feedback_id, e.model_dump(mode="json"), [])
-
-    asyncio.run(submit())
+    submit_events(valkey.url, settings, [e])
     connection = redis.Redis.from_url(valkey.url)
     worker = make_worker(connection, settings)
     return e, connection, worker, worker.queues[0]

@@ -505,13 +505,26 @@ def flags(args: list[str]) -> dict[str, str]:
 def test_valkey_runs_with_the_embedded_servers_durability(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    compose_args = compose()["services"]["valkey"]["command"]
-    trial = container(find(rendered["trial"], "StatefulSet", "valkey"), "valkey")["args"]
-    for args in (compose_args, trial):
+    compose_valkey = compose()["services"]["valkey"]
+    compose_args = compose_valkey["command"]
+    trial_valkey = container(find(rendered["trial"], "StatefulSet", "valkey"), "valkey")
+    trial = trial_valkey["args"]
+    units = {"mb": 2**20, "gb": 2**30, "g": 2**30, "Mi": 2**20, "Gi": 2**30}
+
+    def size(text: str) -> int:
+        number, unit = re.fullmatch(r"(\d+)([A-Za-z]+)", text).groups()  # type: ignore[union-attr]
+        return int(number) * units[unit]
+
+    for args, limit in (
+        (compose_args, compose_valkey["mem_limit"]),
+        (trial, trial_valkey["resources"]["limits"]["memory"]),
+    ):
         assert args[0] == "valkey-server"
         given = flags(args[1:])
         assert {k: given.get(k) for k in DURABILITY} == DURABILITY
         assert "requirepass" in given
+        # a maxmemory, with room under the container's limit for Valkey's own overhead and its AOF rewrite
+        assert size(given["maxmemory"]) <= 0.8 * size(limit), (given["maxmemory"], limit)
     # The same arguments to a real valkey-server: it reads them as the embedded server's config file says.
     port = free_port()
     args = [a if not a.startswith("replace-me") else "pw" for a in compose_args[1:]]
@@ -532,6 +545,7 @@ def test_valkey_runs_with_the_embedded_servers_durability(
                 __import__("time").sleep(0.05)
         for key, value in DURABILITY.items():
             assert client.config_get(key)[key] == value.strip('"'), key
+        assert client.config_get("maxmemory")["maxmemory"] == str(1536 * 2**20)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -4,7 +4,7 @@
     POST /admin/adapters/{name}/promote  load NAME everywhere, probe it, make it the champion
     POST /admin/adapters/rollback        the previous champion back
     POST /admin/train                    queue a training round (409 if one is queued or running)
-    GET  /admin/train                    the latest rounds and their gate decisions
+    GET  /admin/train                    the latest rounds, their gate decisions, and the backlog
     GET  /admin/leaderboard              every variant that ever served, ranked (Bradley-Terry, bootstrap intervals)
 
 Swaps made here go through this gateway's own backends and take effect in this gateway at once; other
@@ -27,6 +27,7 @@ from serving.errors import Conflict, InvalidRequest, responses
 from serving.follower import AdapterRouter
 from serving.routing import Routing, SwapResult, routing_json
 from trainer import leaderboard, registry
+from trainer.data import backlog
 from trainer.errors import RoundBusy
 from trainer.promotion import Promotions
 from trainer.queue import enqueue_round
@@ -95,12 +96,15 @@ async def start_round(request: Request, _: Admin) -> dict[str, Any]:
 
 
 @router.get("/train")
-async def list_rounds(_: Admin, promotions: PromotionsDep) -> dict[str, Any]:
-    def read() -> list[dict[str, Any]]:
-        with Session(promotions.store) as session:
-            return [r.as_dict() for r in registry.rounds(session)]
+async def list_rounds(request: Request, _: Admin, promotions: PromotionsDep) -> dict[str, Any]:
+    """The latest rounds, and the backlog: the pending examples the next round would take."""
+    settings = _trainer(request)
 
-    return {"rounds": await asyncio.to_thread(read)}
+    def read() -> dict[str, Any]:
+        with Session(promotions.store) as session:
+            return {"rounds": [r.as_dict() for r in registry.rounds(session)], "backlog": backlog(session, settings)}
+
+    return await asyncio.to_thread(read)
 
 
 @router.get("/leaderboard", responses=responses(422))

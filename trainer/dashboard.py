@@ -1,7 +1,8 @@
 """`GET /admin/dashboard` (scope `admin`): everything the dashboard page draws, in one read.
 
 Adapter versions with their gate figures, the live champion-vs-challenger record with the statistic that decides,
-feedback counts over time, the queues' depth, and the last training rounds with loss and accuracy.
+feedback counts over time, the queues' depth, the backlog of examples waiting for a round, and the last training
+rounds with loss and accuracy.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from trainer import queue as training_queue
 from trainer import registry
 from trainer.ab import live_record
 from trainer.api import Admin
+from trainer.data import backlog
 from trainer.settings import TrainerSettings
 
 router = APIRouter(prefix="/admin", responses=responses(401, 403, 500, 503))
@@ -84,6 +86,7 @@ def _read_store(store: Engine, challenger: str | None, trainer: TrainerSettings)
             "ab": ab,
             "feedback": feedback_series(session, now),
             "rounds": training_rounds(session),
+            "backlog": backlog(session, trainer),
             "generated_at": now.isoformat(),
         }
 

@@ -113,6 +113,19 @@ def pending(session: Session, settings: TrainerSettings) -> Pending:
     return Pending(int(dpo), int(kto), method)
 
 
+def backlog(session: Session, settings: TrainerSettings) -> dict[str, Any]:
+    """What waits for the next round, as the admin API, the dashboard and `pairloop adapters list` show it."""
+    waiting = pending(session, settings)
+    return {
+        "examples": waiting.examples,
+        "method": waiting.method,
+        "pairs": waiting.dpo,
+        "kto_rows": waiting.kto,
+        "round_starts_at": settings.min_new_examples,
+        "round_takes_at_most": settings.max_round_examples,
+    }
+
+
 def count_new(session: Session, settings: TrainerSettings) -> int:
     """Usable training examples (of the next round's loss) that no round has taken yet: the backlog."""
     return pending(session, settings).examples

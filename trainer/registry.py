@@ -85,6 +85,7 @@ class TrainingRound(Base):
             "parent": self.parent,
             "adapter": self.adapter,
             "new_examples": self.new_examples,
+            "data_until": aware(self.data_until).isoformat() if self.data_until else None,
             "decision": self.decision,
             "error": self.error,
             "started_at": aware(self.started_at).isoformat(),

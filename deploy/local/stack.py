@@ -164,12 +164,15 @@ def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = Tru
                 data_dir,
                 load_or_create(data_dir / "secrets" / "redis-password"),
                 appendfsync=settings.redis_appendfsync,
+                maxmemory_mb=settings.redis_maxmemory_mb,
                 echo=_echo("redis") if echo_children else None,
             )
             stack.redis.start()
             update["redis_url"] = stack.redis.url
             write_private(_redis_url_file(data_dir), stack.redis.url)
-            stack.notes.append(f"embedded Redis (AOF) in {stack.redis.dir}")
+            stack.notes.append(
+                f"embedded Redis (AOF, maxmemory {settings.redis_maxmemory_mb} MiB) in {stack.redis.dir}"
+            )
         store_url = settings.store_url()
         upgrade(store_url)
         stack.notes.append(f"preference store: {_safe_url(store_url)}")

@@ -64,6 +64,8 @@ function draw(d) {
   $("q-failed").textContent = q.feedback.failed;
   $("q-workers").textContent = q.feedback.workers;
   $("q-training").textContent = q.training.running ? "a round is running" : (q.training.queued ? `${q.training.queued} queued` : "idle");
+  const b = d.backlog;
+  $("q-backlog").textContent = `${b.examples} ${b.method} (a round starts at ${b.round_starts_at}, takes ${b.round_takes_at_most})`;
 
   const adapters = [...d.adapters].sort((a, b) => a.version - b.version);
   versionChart($("versions-chart"), adapters.map((a) => ({ t: new Date(a.created_at), version: a.version, status: a.status, name: a.name })));
