@@ -3,6 +3,7 @@ a client sees, what is lost, how long until the part serves again.
 
     .venv/bin/python bench/chaos.py [--window 20] [--cut 10]        the faults (docs/RELIABILITY.md)
     .venv/bin/python bench/chaos.py --soak 36000                     a soak run: memory and open files, every tenth
+    .venv/bin/python bench/chaos.py --loop-soak 35                   the loop under steady traffic for 35 minutes
 
 The topology is deploy/compose.yaml's on this machine (tests/cluster_helpers.py: 2 vLLM hosts with sidecars,
 2 gateways, 2 feedback workers, the trainer, cron, Valkey, PostgreSQL, SeaweedFS S3), except that every part
@@ -13,6 +14,12 @@ other gateway with a fixed feedback id), each fault is, in turn: SIGKILL of a fe
 the middle of a round, of cron, of a vLLM host, of a gateway, of Valkey (each restarted as a supervisor would),
 then a cut of the network to PostgreSQL and to Valkey. After the last, the queue is drained and every
 acknowledged vote (a 202) is looked for in PostgreSQL.
+
+The loop soak (`--loop-soak MINUTES`) injects no fault: the voter prefers the shorter answer, cron checks every 30 s
+and a round is due every `--round-every` usable votes (the service's other defaults: cap, budget, A/B test, nice),
+and every minute it samples the backlog, the rounds and the memory of every part. At the end: each round's status,
+examples, duration and freshness (from the newest vote it used to its adapter serving), chat throughput while a
+round trains against outside rounds, and the memory samples.
 
 Per fault: chat requests failed (by status) and the span from the first failure to the last, requests that hung
 past the client's timeout, the time until the part served again (for a worker and a cut: a vote acknowledged after
@@ -47,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.cluster_helpers import Cluster, Host, backends, vllm_address  # noqa: E402
-from tests.gateway_helpers import KEYS, MODEL_NAME  # noqa: E402
+from tests.gateway_helpers import KEYS, LEARNING_ENV, MODEL_NAME  # noqa: E402
 from tests.postgres import postgres_database  # noqa: E402
 from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402
 
@@ -143,6 +150,9 @@ class Outcome:
 @dataclass
 class Load:
     gateways: list[str]
+    prefer_shorter: bool = False
+    """Vote for the shorter answer (a preference the loop can learn); else by the completion id (no preference)."""
+    max_tokens: int = 12
     outcomes: list[Outcome] = field(default_factory=list)
     acked: dict[str, float] = field(default_factory=dict)
     """feedback_id -> when its 202 came."""
@@ -161,7 +171,7 @@ class Load:
             while not self.stop.is_set():
                 n += 1
                 g = (i + n) % len(self.gateways)
-                body: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": 12, "stream": stream}
+                body: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": self.max_tokens, "stream": stream}
                 body |= {"messages": [{"role": "user", "content": f"Tea {i}-{n}?"}], "user": f"chaos-{i}-{n % 50}"}
                 started = time.monotonic()
                 status, data, hung = 0, None, False
@@ -196,12 +206,16 @@ class Load:
                     time.sleep(0.05)
                     continue
                 data, g = item
+                preference: int | str = len(data["id"]) % 2
+                if self.prefer_shorter:
+                    a, b = (len(c["message"]["content"].split()) for c in data["choices"])
+                    preference = "tie" if a == b else int(b < a)
                 vote = {
                     "completion_id": data["id"],
                     "feedback_token": data["pairloop"]["feedback_token"],
                     "feedback_id": str(uuid.uuid4()),
                     "kind": "pairwise",
-                    "preference": len(data["id"]) % 2,
+                    "preference": preference,
                 }
                 self.votes_sent += 1
                 for attempt in range(20):  # a client retries with the same id until it is acknowledged
@@ -415,11 +429,139 @@ def process_stats(host: Host) -> tuple[float, int]:
     return rss / 2**20, fds
 
 
+# -- the loop soak -------------------------------------------------------------------------------------------
+
+
+def service_defaults(keys: list[str]) -> dict[str, str]:
+    """The service's own values of these PAIRLOOP_ settings (the cluster's trainer otherwise runs the tests' ones)."""
+    from trainer.settings import TrainerSettings
+
+    settings = TrainerSettings()
+    out = {}
+    for key in keys:
+        name = key.removeprefix("PAIRLOOP_").lower()
+        outer, _, inner = name.partition("__")
+        value = getattr(getattr(settings, outer), inner) if inner else getattr(settings, name)
+        out[key] = str(value)
+    return out
+
+
+def loop_figures(pg_url: str, round_every: int) -> dict[str, Any]:
+    """The backlog (as the check counts it) and the rounds by status."""
+    from sqlalchemy.orm import Session
+
+    from trainer.data import count_new
+    from trainer.settings import TrainerSettings
+
+    settings = TrainerSettings(database_url=pg_url, min_new_examples=round_every)
+    engine = create_engine(pg_url)
+    try:
+        with Session(engine) as session:
+            backlog = count_new(session, settings)
+        by_status = Counter(status for _, status, _ in rounds(pg_url))
+        return {"backlog": backlog, "rounds": dict(by_status)}
+    finally:
+        engine.dispose()
+
+
+def round_log(pg_url: str) -> list[dict[str, Any]]:
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT r.id, r.status, r.started_at, r.finished_at, r.new_examples, r.data_until, r.adapter, "
+                    "a.metrics FROM training_rounds r LEFT JOIN adapters a ON a.name = r.adapter ORDER BY r.id"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    out = []
+    for rid, status, started, finished, new, until, adapter, metrics in rows:
+        metrics = metrics if isinstance(metrics, dict) else json.loads(metrics or "{}")
+        served = status in ("challenger", "promoted")
+        out.append(
+            {
+                "id": rid,
+                "status": status,
+                "started": started.timestamp(),
+                "finished": finished.timestamp() if finished else None,
+                "seconds": round((finished - started).total_seconds(), 1) if finished else None,
+                "new_examples": new,
+                "train_rows": metrics.get("train_rows"),
+                "replayed": metrics.get("replayed"),
+                "backlog_left": metrics.get("backlog"),
+                # from the newest vote the round used to its adapter serving (as challenger or champion)
+                "freshness_s": round((finished - until).total_seconds(), 1) if served and until and finished else None,
+                "adapter": adapter,
+            }
+        )
+    return out
+
+
+def throughput(load: Load, spans: list[tuple[float, float]], t0: float, t1: float) -> dict[str, float]:
+    """Chat requests answered 200 per second inside the spans (rounds training) and outside them, in [t0, t1)."""
+    with load.lock:
+        done = [o.ended for o in load.outcomes if o.status == 200 and t0 <= o.ended < t1]
+    clipped = [(max(a, t0), min(b, t1)) for a, b in spans if b > t0 and a < t1]
+    inside_s = sum(b - a for a, b in clipped)
+    inside = sum(any(a <= t < b for a, b in clipped) for t in done)
+    outside_s = (t1 - t0) - inside_s
+    during = inside / inside_s if inside_s else 0.0
+    outside = (len(done) - inside) / outside_s if outside_s else 0.0
+    return {
+        "during_rounds_per_s": round(during, 2),
+        "outside_rounds_per_s": round(outside, 2),
+        "ratio": round(during / outside, 3) if outside else 0.0,
+        "seconds_in_rounds": round(inside_s),
+        "seconds_outside": round(outside_s),
+    }
+
+
+def run_loop_soak(c: ChaosCluster, load: Load, hosts: dict[str, Host], minutes: float, round_every: int) -> dict:
+    import psutil as ps
+
+    assert c.valkey is not None and c.valkey.child.pid is not None
+    wall0, mono0 = time.time(), time.monotonic()
+    end = mono0 + minutes * 60
+    samples: list[dict[str, Any]] = []
+    while True:
+        now = time.monotonic()
+        mb = {n: round(process_stats(h)[0]) for n, h in hosts.items()}
+        with contextlib.suppress(ps.Error):
+            mb["valkey"] = round(ps.Process(c.valkey.child.pid).memory_info().rss / 2**20)
+        sample = {"s": round(now - mono0), "chats": len(load.outcomes), "votes_acknowledged": len(load.acked)}
+        sample |= loop_figures(c.pg_url, round_every) | {"mb": mb}
+        samples.append(sample)
+        print(json.dumps(sample), flush=True)
+        if now >= end:
+            break
+        time.sleep(min(60.0, end - now))
+    log = round_log(c.pg_url)
+    to_mono = lambda t: t - wall0 + mono0  # noqa: E731
+    spans = [(to_mono(r["started"]), to_mono(r["finished"] or time.time())) for r in log]
+    figures = {
+        "minutes": minutes,
+        "round_every": round_every,
+        "chats": len(load.outcomes),
+        "chats_failed": sum(o.status != 200 for o in load.outcomes),
+        "hung": sum(o.hung for o in load.outcomes),
+        "votes_acknowledged": len(load.acked),
+        "rounds": log,
+        "throughput": throughput(load, spans, mono0, time.monotonic()),
+        "samples": samples,
+    }
+    print(json.dumps({k: v for k, v in figures.items() if k != "samples"}, default=str), flush=True)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window", type=float, default=20.0, help="seconds watched after each fault")
     parser.add_argument("--cut", type=float, default=10.0, help="seconds each network cut lasts")
     parser.add_argument("--soak", type=int, default=0, help="a soak run of this many chat requests instead")
+    parser.add_argument("--loop-soak", type=float, default=0, help="the loop under steady traffic, for MINUTES")
+    parser.add_argument("--round-every", type=int, default=200, help="loop soak: usable votes that make a round due")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -444,18 +586,26 @@ def run(model: Path, pg_url: str, args: argparse.Namespace) -> None:
         c.pool = [vllm_address(1), vllm_address(2)]
         g1, g2 = c.add_gateway(1), c.add_gateway(2)
         hosts = {h.name: h for h in (v1, v2, g1, g2)}
+        loop_env = {"PAIRLOOP_CHECK_INTERVAL_S": "3600", "PAIRLOOP_MIN_NEW_EXAMPLES": "4"}
+        if args.loop_soak:  # the service's own learning settings, a check every 30 s, a round every few hundred
+            loop_env = service_defaults(list(LEARNING_ENV)) | {
+                "PAIRLOOP_CHECK_INTERVAL_S": "30",
+                "PAIRLOOP_MIN_NEW_EXAMPLES": str(args.round_every),
+            }
         for name, service in (("worker-1", "worker"), ("worker-2", "worker"), ("trainer", None), ("cron", None)):
-            hosts[name] = c.add_worker(name, service, PAIRLOOP_CHECK_INTERVAL_S="3600", PAIRLOOP_MIN_NEW_EXAMPLES="4")
+            hosts[name] = c.add_worker(name, service, **loop_env)
         for g in (g1, g2):
             c.wait_http(g, "/readyz", timeout_s=600)
         wait_until(lambda: ready(g1) and ready(g2), 300)
-        load = Load([g1.url, g2.url])
+        load = Load([g1.url, g2.url], prefer_shorter=bool(args.loop_soak), max_tokens=32 if args.loop_soak else 12)
         threads = [threading.Thread(target=load.chat_client, args=(i, i == 2), daemon=True) for i in range(3)]
         threads.append(threading.Thread(target=load.voter, daemon=True))
         for t in threads:
             t.start()
         time.sleep(10)
-        if args.soak:
+        if args.loop_soak:
+            results["loop_soak"] = run_loop_soak(c, load, hosts, args.loop_soak, args.round_every)
+        elif args.soak:
             watched = {n: hosts[n] for n in ("gateway-1", "gateway-2", "worker-1", "worker-2", "trainer", "cron")}
             t0 = time.monotonic()
             samples: list[dict[str, Any]] = []  # every tenth of the run: requests so far, (MB, fds) per host

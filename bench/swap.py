@@ -46,7 +46,7 @@ def make_adapters(model: str, data_dir: Path, count: int) -> list[str]:
     from sqlalchemy.orm import Session
     from transformers import AutoModelForCausalLM
 
-    from feedback.settings import default_database_url
+    from serving.settings import default_database_url
     from feedback.store import make_engine
     from trainer import registry
 
