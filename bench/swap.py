@@ -46,8 +46,8 @@ def make_adapters(model: str, data_dir: Path, count: int) -> list[str]:
     from sqlalchemy.orm import Session
     from transformers import AutoModelForCausalLM
 
-    from serving.settings import default_database_url
     from feedback.store import make_engine
+    from serving.settings import default_database_url
     from trainer import registry
 
     names = []

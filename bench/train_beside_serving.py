@@ -5,7 +5,8 @@
 Starts vLLM (the CPU build) on the tiny model and `pairloop up` in front of it (no workers, no training of its own),
 then keeps `--clients` chat clients busy (max_tokens 16) and alternates phases of `--phase-s` seconds:
   idle       nothing else runs
-  trainer    a training worker as the service runs it (PAIRLOOP_TRAIN_NICE, PAIRLOOP_TRAIN_THREADS: the defaults)
+  trainer    a training worker as the service runs it (PAIRLOOP_TRAIN_PRIORITY, PAIRLOOP_TRAIN_THREADS: the defaults)
+  10:1       nice 10, one thread (what a nice value gives)
   unbounded  the same rounds at full priority on every core (nice 0, torch's default threads): how the service
              trained before those settings
 Each training phase runs `trainer.round.run_round` on 96 preference pairs, round after round, in a process of its
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -38,15 +38,16 @@ from bench.gateway import start_gateway  # noqa: E402
 from bench.pairs import pick_model  # noqa: E402
 from deploy.local.engine import EngineConfig, EngineProcess  # noqa: E402
 from trainer.settings import TrainerSettings  # noqa: E402
+from workers.runner import lower_priority  # noqa: E402
 
 NAME = "pairloop-tiny"
 DEFAULTS = TrainerSettings.model_fields
 
 
-def trainer_main(model: str, nice: int, threads: int, out: Path) -> None:
-    """The training phase's process: niced as the training worker is, rounds until SIGTERM, figures to `out`."""
-    if nice:
-        os.nice(nice)
+def trainer_main(model: str, priority: str, threads: int, out: Path) -> None:
+    """The training phase's process: its priority set as the training worker sets it, rounds until SIGTERM, their
+    figures to `out`."""
+    lower_priority(priority if priority == "idle" else int(priority))
     from bench.train import make_rows
     from trainer.data import RoundData
     from trainer.round import run_round
@@ -97,12 +98,16 @@ class Load:
 
 
 def run_phase(kind: str, load: Load, model: str, phase_s: float, tmp: Path) -> dict[str, Any]:
+    """`idle`, `trainer` (the defaults), `unbounded` (nice 0, every core), or `NICE:THREADS` (NICE `idle`: the
+    SCHED_IDLE policy)."""
     proc = None
-    figures = tmp / f"{kind}-{time.monotonic():.0f}.jsonl"
+    figures = tmp / f"{kind.replace(':', '-')}-{time.monotonic():.0f}.jsonl"
     if kind != "idle":
-        nice, threads = (
-            (DEFAULTS["train_nice"].default, DEFAULTS["train_threads"].default) if kind == "trainer" else (0, 0)
-        )
+        nice, threads = "0", 0  # unbounded
+        if kind == "trainer":
+            nice, threads = str(DEFAULTS["train_priority"].default), DEFAULTS["train_threads"].default
+        elif ":" in kind:
+            nice, threads = kind.split(":")[0], int(kind.split(":")[1])
         cmd = [sys.executable, __file__, "--trainer", model, str(nice), str(threads), str(figures)]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(min(10.0, phase_s / 4))  # the model loaded and training: measure a round at work, not its start
@@ -128,14 +133,20 @@ def run_phase(kind: str, load: Load, model: str, phase_s: float, tmp: Path) -> d
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--trainer":
-        model, nice, threads, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+        model, nice, threads, out = sys.argv[2], sys.argv[3], int(sys.argv[4]), Path(sys.argv[5])
         trainer_main(model, nice, threads, out)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase-s", type=float, default=40.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--compare",
+        default="trainer,10:1,unbounded",
+        help="training phases, each after an idle one: trainer, unbounded, or NICE:THREADS (NICE `idle`: SCHED_IDLE)",
+    )
     args = parser.parse_args()
+    kinds = args.compare.split(",")
 
     model = pick_model(None)
     tmp = Path(tempfile.mkdtemp(prefix="pairloop-bench-beside-"))
@@ -152,18 +163,19 @@ def main() -> None:
         time.sleep(10)  # warm-up
         rows = []
         for _ in range(args.repeats):
-            for kind in ("idle", "trainer", "idle", "unbounded"):
+            for kind in kinds:
+                rows.append(run_phase("idle", load, model, args.phase_s, tmp))
                 rows.append(run_phase(kind, load, model, args.phase_s, tmp))
         rows.append(run_phase("idle", load, model, args.phase_s, tmp))
         load.stop.set()
         for t in load.threads:
             t.join(130)
         print(
-            f"\n{args.clients} clients, phases of {args.phase_s:g} s, defaults: PAIRLOOP_TRAIN_NICE "
-            f"{DEFAULTS['train_nice'].default}, PAIRLOOP_TRAIN_THREADS {DEFAULTS['train_threads'].default}; "
+            f"\n{args.clients} clients, phases of {args.phase_s:g} s, defaults: PAIRLOOP_TRAIN_PRIORITY "
+            f"{DEFAULTS['train_priority'].default}, PAIRLOOP_TRAIN_THREADS {DEFAULTS['train_threads'].default}; "
             f"{load.failed} chats failed"
         )
-        for kind in ("trainer", "unbounded"):
+        for kind in kinds:
             ratios, speeds = [], []
             for i, row in enumerate(rows):
                 if row["phase"] == kind:

@@ -1,7 +1,11 @@
-"""Pure unit tests: feedback tokens, API keys, settings checks, the backend pool (with httpx.MockTransport)."""
+"""Pure unit tests: feedback tokens, API keys, settings checks, the backend pool (with httpx.MockTransport), the
+training worker's CPU priority (in a child process)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -139,3 +143,22 @@ def test_a_rotated_secret_still_verifies_the_tokens_it_signed() -> None:
     settings = ServingSettings(secret=new.decode(), secret_previous=old.decode())
     assert settings.token_secrets() == (new, old), "new tokens are signed with the current secret (the first)"
     assert ServingSettings(secret=new.decode()).token_secrets() == (new,)
+
+
+@pytest.mark.parametrize(("priority", "policy", "nice"), [("idle", "SCHED_IDLE", 0), (7, "SCHED_OTHER", 7)])
+def test_the_training_worker_lowers_its_priority(priority: str | int, policy: str, nice: int) -> None:
+    """In a child process (a lowered priority cannot be raised again): the scheduling policy and nice value it
+    ends with, and those of a thread it starts afterwards, as torch's are."""
+    script = (
+        "import os, threading\n"
+        "from workers.runner import lower_priority\n"
+        f"lower_priority({priority!r})\n"
+        "out = []\n"
+        "seen = lambda: out.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))\n"
+        "t = threading.Thread(target=seen)\n"
+        "t.start(); t.join()\n"
+        "print(os.sched_getscheduler(0), os.nice(0), *out[0])\n"
+    )
+    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    expected = getattr(os, policy)
+    assert got.stdout.split() == [str(expected), str(nice), str(expected), str(nice)], got.stdout

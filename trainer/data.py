@@ -253,14 +253,19 @@ def select_round(session: Session, settings: TrainerSettings, salt: int = 0) -> 
         [Feedback.received_at.desc(), Feedback.id.desc()],
         new_cap,
     )
+    meta = {f.id: (f"{f.judge_key_id}:{f.judge_user}", aware(f.received_at)) for f, _ in fresh}
     train_new: list[Row] = []
     taken: list[str] = []
+    seen: set[tuple[Any, ...]] = set()  # a KTO row a judge gave twice (a thumb and a vote for the same answer)
     for (f, _), rows in zip(fresh, _rows_by_event(session, method, fresh), strict=True):
         if len(train_new) + len(rows) > new_cap:
             break
+        if method == "kto":
+            keys = [(r["completion_id"], meta[f.id][0], r["completion"][0]["content"], r["label"]) for r in rows]
+            rows = [r for r, key in zip(rows, keys, strict=True) if key not in seen]
+            seen.update(keys)
         train_new += rows
         taken.append(f.id)
-    meta = {f.id: (f"{f.judge_key_id}:{f.judge_user}", aware(f.received_at)) for f, _ in fresh}
     newest = max((meta[i][1] for i in taken), default=None)
 
     rng = random.Random(f"{config.seed}:{salt}")

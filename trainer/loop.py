@@ -94,12 +94,13 @@ def check() -> dict[str, Any]:
 
 
 def train_round(trigger: str = "manual") -> dict[str, Any]:
-    """Train one round on what arrived since the last, gate it, and make it challenger or champion.
+    """Train one round on the newest pending examples (at most `max_round_examples` rows with their replay),
+    gate it, and make it challenger or champion; past `round_budget_s` it stops and changes nothing served.
 
     A round whose worker dies is run again: the worker's heartbeat stops, RQ's started registry lets go of the
     job within seconds (`workers/runner.py`), a live training worker requeues it, and the rerun waits for the
     lock the dead worker held to lapse (`trainer.queue.RoundLock`, at most `LOCK_TTL_S`: the requeue can come
-    first); it marks the interrupted round failed."""
+    first); it marks the interrupted round failed and offers what that round took again."""
     settings = TrainerSettings()
     connection = _connection()
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -119,11 +119,10 @@ class TrainerSettings(PairloopSettings):
         description="CPU threads a round's torch may use (0: torch's default, every core). On a machine shared with "
         "vLLM's CPU engine, few threads leave serving its cores.",
     )
-    train_nice: int = Field(
-        10,
-        ge=0,
-        le=19,
-        description="How much the training worker lowers its CPU priority (nice); 0: none. Serving goes first.",
+    train_priority: Literal["idle"] | Annotated[int, Field(ge=0, le=19)] = Field(
+        "idle",
+        description="CPU priority of the training worker: `idle` (Linux's SCHED_IDLE: it runs on CPU time that "
+        "serving leaves, and gives way the moment a request's thread wakes), or a nice value 0-19 (0: as serving).",
     )
     replay_fraction: float = Field(
         0.5, ge=0, le=10, description="Older examples replayed per new one (guards against forgetting)."

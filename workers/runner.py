@@ -173,6 +173,16 @@ class FeedbackWorker(SimpleWorker):
         return count
 
 
+def lower_priority(priority: str | int) -> None:
+    """Serving first: on a machine it shares with vLLM's CPU engine and the gateway, the training worker takes the
+    CPU they leave (the threads torch starts later inherit this). `idle`: SCHED_IDLE where the OS has it, else
+    nice 19; a number: that nice value. docs/PERFORMANCE.md, "Training beside serving", has the measurements."""
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority := 19 if priority == "idle" else int(priority):
+        os.nice(priority)
+
+
 def _children_die_with_worker() -> None:
     # RQ forks a scheduler process (due retries); PR_SET_PDEATHSIG makes it exit when the worker dies,
     # even by SIGKILL, instead of living on as an orphan.
@@ -223,10 +233,8 @@ def run(
     os.register_at_fork(after_in_child=_children_die_with_worker)
     connection = connect_sync(redis_url)
     trainer = TrainerSettings()
-    if training and trainer.train_nice:
-        # Serving first: on a machine it shares with vLLM's CPU engine and the gateway, a round takes what they
-        # leave (its torch threads, made later, inherit this). docs/PERFORMANCE.md, "Training beside serving".
-        os.nice(trainer.train_nice)
+    if training:
+        lower_priority(trainer.train_priority)
     if training:
         control = Queue(trainer.control_queue, connection=connection, serializer=JSONSerializer)
         queues = [control, training_queue(connection, trainer)]
