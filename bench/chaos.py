@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -464,6 +465,23 @@ def loop_figures(pg_url: str, round_every: int) -> dict[str, Any]:
         engine.dispose()
 
 
+def redis_memory(url: str) -> dict[str, float]:
+    """Valkey's used memory (MB), its records, and the mean size of a few of them (bytes, MEMORY USAGE)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(itertools.islice(client.scan_iter("pairloop:completion:*", count=1000), 50))
+        sizes = [client.memory_usage(k) or 0 for k in keys]
+        return {
+            "used_mb": round(int(client.info("memory")["used_memory"]) / 2**20, 1),  # type: ignore[index]
+            "keys": int(client.dbsize()),
+            "record_bytes": round(sum(sizes) / len(sizes)) if sizes else 0,
+        }
+    finally:
+        client.close()
+
+
 def round_log(pg_url: str) -> list[dict[str, Any]]:
     engine = create_engine(pg_url)
     try:
@@ -531,7 +549,7 @@ def run_loop_soak(c: ChaosCluster, load: Load, hosts: dict[str, Host], minutes: 
         with contextlib.suppress(ps.Error):
             mb["valkey"] = round(ps.Process(c.valkey.child.pid).memory_info().rss / 2**20)
         sample = {"s": round(now - mono0), "chats": len(load.outcomes), "votes_acknowledged": len(load.acked)}
-        sample |= loop_figures(c.pg_url, round_every) | {"mb": mb}
+        sample |= loop_figures(c.pg_url, round_every) | {"mb": mb, "redis": redis_memory(c.valkey.url)}
         samples.append(sample)
         print(json.dumps(sample), flush=True)
         if now >= end:

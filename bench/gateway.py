@@ -1,11 +1,14 @@
-"""`pairloop up` in front of a given upstream, for the benchmarks: started, awaited, and its dev key read."""
+"""`pairloop up` in front of a given upstream, for the benchmarks: started, awaited, and its dev key read; and the
+same in front of a vLLM engine of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deploy.local.engine import EngineConfig, EngineProcess  # noqa: E402
 from deploy.local.process import free_port  # noqa: E402
 
 
@@ -45,3 +49,24 @@ def start_gateway(
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("the gateway did not become ready")
+
+
+@contextlib.contextmanager
+def engine_and_gateway(
+    model: str, tmp: Path, served_name: str, *, args: tuple[str, ...] = ()
+) -> Iterator[tuple[EngineProcess, str, str]]:
+    """vLLM on `model` and `pairloop up` in front of it (data dir `tmp/data`): (engine, gateway URL, development API
+    key). Both are stopped at the end."""
+    engine = EngineProcess(EngineConfig(model=model, served_model_name=served_name, log_path=tmp / "vllm.log"))
+    engine.start()
+    gateway = None
+    try:
+        if not engine.wait_ready(300):
+            raise SystemExit(f"vLLM did not start; see {tmp / 'vllm.log'}")
+        gateway, url, key = start_gateway(engine.url, tmp / "data", served_name, args=args)
+        yield engine, url, key
+    finally:
+        if gateway:
+            gateway.terminate()
+            gateway.wait(30)
+        engine.stop()

@@ -27,8 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway import start_gateway  # noqa: E402
-from deploy.local.engine import EngineConfig, EngineProcess  # noqa: E402
+from bench.gateway import engine_and_gateway  # noqa: E402
 from serving.settings import default_data_dir  # noqa: E402
 from trainer.tiny import corpus  # noqa: E402
 from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402
@@ -54,13 +53,7 @@ def main() -> None:
 
     model = pick_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="pairloop-bench-"))
-    engine = EngineProcess(EngineConfig(model=model, served_model_name=NAME, log_path=tmp / "vllm.log"))
-    engine.start()
-    gateway = None
-    try:
-        if not engine.wait_ready(300):
-            raise SystemExit(f"vLLM did not start; see {tmp / 'vllm.log'}")
-        gateway, gw_url, key = start_gateway(engine.url, tmp, NAME)
+    with engine_and_gateway(model, tmp, NAME) as (engine, gw_url, key):
         rng = random.Random(0)
         prompts = [corpus.make_prompt(rng) for _ in range(args.rounds)]
         auth = {"Authorization": f"Bearer {key}"}
@@ -121,11 +114,6 @@ def main() -> None:
         print(
             f"gateway added latency, difference of the medians:           {diff:.2f} ms ({diff / med['gateway-2']:.1%})"
         )
-    finally:
-        if gateway:
-            gateway.terminate()
-            gateway.wait(30)
-        engine.stop()
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway import start_gateway  # noqa: E402
+from bench.gateway import engine_and_gateway  # noqa: E402
 from bench.pairs import pick_model  # noqa: E402
-from deploy.local.engine import EngineConfig, EngineProcess  # noqa: E402
 from trainer.settings import TrainerSettings  # noqa: E402
 from workers.runner import lower_priority  # noqa: E402
 
@@ -150,13 +149,7 @@ def main() -> None:
 
     model = pick_model(None)
     tmp = Path(tempfile.mkdtemp(prefix="pairloop-bench-beside-"))
-    engine = EngineProcess(EngineConfig(model=model, served_model_name=NAME, log_path=tmp / "vllm.log"))
-    engine.start()
-    gateway = None
-    try:
-        if not engine.wait_ready(300):
-            raise SystemExit(f"vLLM did not start; see {tmp / 'vllm.log'}")
-        gateway, url, key = start_gateway(engine.url, tmp / "data", NAME, args=("--workers", "0", "--no-training"))
+    with engine_and_gateway(model, tmp, NAME, args=("--workers", "0", "--no-training")) as (_, url, key):
         load = Load(url, key, args.clients)
         for t in load.threads:
             t.start()
@@ -187,11 +180,6 @@ def main() -> None:
                 f"{kind:<10} chat throughput / idle around it: {', '.join(f'{r:.2f}' for r in ratios)} "
                 f"(mean {statistics.mean(ratios):.2f}); training: {speed}"
             )
-    finally:
-        if gateway:
-            gateway.terminate()
-            gateway.wait(30)
-        engine.stop()
 
 
 if __name__ == "__main__":
