@@ -16,7 +16,8 @@ then a cut of the network to PostgreSQL and to Valkey. After the last, the queue
 acknowledged vote (a 202) is looked for in PostgreSQL.
 
 The loop soak (`--loop-soak MINUTES`) injects no fault: the voter prefers the shorter answer, cron checks every 30 s
-and a round is due every `--round-every` usable votes (the service's other defaults: cap, budget, A/B test, nice),
+and a round is due every `--round-every` usable votes (the service's other defaults: cap, budget, A/B test, CPU
+priority; but the gate's length bound is 4, since this preference is about length),
 and every minute it samples the backlog, the rounds and the memory of every part. At the end: each round's status,
 examples, duration and freshness (from the newest vote it used to its adapter serving), chat throughput while a
 round trains against outside rounds, and the memory samples.
@@ -36,6 +37,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -584,6 +586,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/chaos.py needs root (the gateways' own /etc/hosts in mount namespaces)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on the way out
     model = ensure_built(default_model_dir(ROOT / ".cache"))
     with postgres_database(f"pairloop_chaos_{os.getpid()}") as pg_url:
         run(model, pg_url, args)
@@ -609,6 +612,9 @@ def run(model: Path, pg_url: str, args: argparse.Namespace) -> None:
             loop_env = service_defaults(list(LEARNING_ENV)) | {
                 "PAIRLOOP_CHECK_INTERVAL_S": "30",
                 "PAIRLOOP_MIN_NEW_EXAMPLES": str(args.round_every),
+                # the voters prefer shorter answers: a preference about length, which the default bound (1.5)
+                # rejects as a side effect (as `pairloop simulate` does for its length preferences)
+                "PAIRLOOP_GATE_MAX_LENGTH_RATIO": "4",
             }
         for name, service in (("worker-1", "worker"), ("worker-2", "worker"), ("trainer", None), ("cron", None)):
             hosts[name] = c.add_worker(name, service, **loop_env)

@@ -257,3 +257,18 @@ def test_the_migration_fills_the_new_columns_of_an_older_store(tmp_path: Any) ->
     engine.dispose()
     assert [(f, r) for f, _, _, r in got] == [("f0", 4), ("f1", 4), ("f2", None)]
     assert all(split == pytest.approx(split_of(cid), abs=0) for _, cid, split, _ in got)
+
+
+def test_the_backlog_stays_bounded_and_what_is_over_it_is_replayed(store_url: str) -> None:
+    s = settings(max_round_examples=21, max_backlog=10, train={"min_pairs": 1})  # 14 new a round, 10 left waiting
+    sixty = votes(60, t0=time.time() - 1000)
+    by_age = [e.feedback_id for e in sorted(sixty, key=lambda e: -e.received_at)]
+    with store(store_url) as engine:
+        save(engine, sixty)
+        first = run_round(engine, 1, s)
+        assert first.taken == by_age[:14] and first.passed_over == 36 and first.backlog == 10
+        assert pending_ids(engine) == set(by_age[14:24])  # the newest of the rest wait
+        second = run_round(engine, 2, s)
+        assert second.taken == by_age[14:24] and second.passed_over == 0
+        replayed = {r["feedback_id"] for r in second.train} - set(second.taken)
+        assert len(replayed) == 5 and replayed <= set(by_age[:14] + by_age[24:])  # passed over: in the replay pool

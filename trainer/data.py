@@ -6,8 +6,9 @@ periodic check and of a round's selection follows the new data and the round's s
 - **Pending, then taken**: an event no round has taken yet is pending (`round_id` NULL, a partial index). The
   check counts the pending events of use to the next round's loss (`count_new`, one query). A round takes the
   newest of them, up to its share of `max_round_examples`, and marks them with its id; the older ones wait for the
-  next round (the backlog). It also marks the pending events it has no use for (held out, a tie, a thumb without
-  its opposite in a DPO round), so that they stop being pending.
+  next round (the backlog), at most `max_backlog` of them: older ones join the replay pool. It also marks
+  the pending events it has no use for (held out, a tie, a thumb without its opposite in a DPO round), so that they
+  stop being pending.
 - **Replay**: `replay_fraction` as many rows as the new ones, drawn from events earlier rounds took, as a run of
   the `split` index from a random point: a random sample of them, since the split is a hash.
 - **Evaluation**: up to `max_eval_examples` held-out rows, a run of the `split` index from a point fixed by the
@@ -147,7 +148,9 @@ class RoundData:
     taken: list[str] = field(default_factory=list)
     """Ids of the pending events this round takes as new (those the judge cap dropped included)."""
     backlog: int = 0
-    """Pending examples this round leaves for the next (over `max_round_examples`)."""
+    """Pending examples this round leaves for the next (over `max_round_examples`, at most `max_backlog`)."""
+    passed_over: int = 0
+    """Pending events over `max_backlog` that this round moved to the replay pool (set by `take`)."""
     selected_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def digest(self) -> str:
@@ -164,6 +167,7 @@ class RoundData:
             "replayed": self.replayed,
             "capped": self.capped,
             "backlog": self.backlog,
+            "passed_over": self.passed_over,
             "judges": len(self.judges),
             "examples_sha256": self.digest(),
         }
@@ -305,8 +309,9 @@ def select_round(session: Session, settings: TrainerSettings, salt: int = 0) -> 
 
 
 def take(session: Session, round_id: int, data: RoundData, settings: TrainerSettings) -> None:
-    """Mark what round `round_id` took as new, and the pending events received before its selection that no round
-    will use (held out, or of no use to its loss): none of them is pending any more. The caller commits."""
+    """Mark what round `round_id` took as new, the pending events received before its selection that no round will
+    use (held out, or of no use to its loss), and the oldest pending events over `max_backlog` (they join
+    the replay pool): none of them is pending any more. The caller commits."""
     for i in range(0, len(data.taken), 500):
         batch = data.taken[i : i + 500]
         session.execute(update(Feedback).where(Feedback.id.in_(batch)).values(round_id=round_id))
@@ -328,6 +333,25 @@ def take(session: Session, round_id: int, data: RoundData, settings: TrainerSett
         .values(round_id=round_id)
         .execution_options(synchronize_session=False)
     )
+    # Over the backlog's bound, the oldest pending examples join the replay pool (the newest wait for the next round).
+    bound = (
+        select(Feedback.received_at)
+        .join(Completion, Feedback.completion_id == Completion.id)
+        .where(_pending(), Feedback.split >= settings.holdout_fraction, usable(data.method))
+        .order_by(Feedback.received_at.desc(), Feedback.id.desc())
+        .offset(settings.max_backlog)
+        .limit(1)
+    )
+    oldest_kept = session.scalar(bound)
+    if oldest_kept is not None:
+        over = session.execute(
+            update(Feedback)
+            .where(_pending(), Feedback.received_at <= oldest_kept)
+            .values(round_id=round_id)
+            .execution_options(synchronize_session=False)
+        )
+        data.passed_over = int(over.rowcount or 0)  # type: ignore[attr-defined]
+        data.backlog = pending(session, settings).examples
 
 
 def give_back(session: Session, round_ids: list[int]) -> None:

@@ -113,6 +113,13 @@ class TrainerSettings(PairloopSettings):
         description="Most training rows one round takes: the newest pending examples plus their replay share; "
         "the older pending ones wait for the next round (the backlog).",
     )
+    max_backlog: int = Field(
+        512,
+        ge=0,
+        description="Most pending feedback events left waiting after a round; older ones join the replay pool "
+        "instead, so that under more votes than rounds can train the backlog stays bounded and rounds train on "
+        "fresh ones.",
+    )
     train_threads: int = Field(
         1,
         ge=0,
