@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -519,22 +520,43 @@ def round_log(pg_url: str) -> list[dict[str, Any]]:
     return out
 
 
-def throughput(load: Load, spans: list[tuple[float, float]], t0: float, t1: float) -> dict[str, float]:
-    """Chat requests answered 200 per second inside the spans (rounds training) and outside them, in [t0, t1)."""
+def throughput(load: Load, spans: list[tuple[float, float]], t0: float, t1: float) -> dict[str, Any]:
+    """Chat requests answered 200 per second while a round trains and outside rounds, in [t0, t1): over the whole
+    run, and round by round against the stretches of the same length just before and after it (outside any round),
+    which cancels the drift of a long run (adapters that answer shorter make chats faster as the run goes on)."""
     with load.lock:
-        done = [o.ended for o in load.outcomes if o.status == 200 and t0 <= o.ended < t1]
+        done = sorted(o.ended for o in load.outcomes if o.status == 200 and t0 <= o.ended < t1)
     clipped = [(max(a, t0), min(b, t1)) for a, b in spans if b > t0 and a < t1]
+
+    def in_rounds(t: float) -> bool:
+        return any(a <= t < b for a, b in clipped)
+
+    def rate(a: float, b: float) -> float:
+        return sum(a <= t < b for t in done) / (b - a)
+
     inside_s = sum(b - a for a, b in clipped)
-    inside = sum(any(a <= t < b for a, b in clipped) for t in done)
+    inside = sum(in_rounds(t) for t in done)
     outside_s = (t1 - t0) - inside_s
     during = inside / inside_s if inside_s else 0.0
     outside = (len(done) - inside) / outside_s if outside_s else 0.0
+    local = []
+    for a, b in clipped:
+        length = b - a
+        around = [
+            rate(x, y)
+            for x, y in ((a - length, a), (b, b + length))
+            if x >= t0 and y <= t1 and not any(c < y and x < d for c, d in clipped)
+        ]
+        if around:
+            local.append(round(rate(a, b) / statistics.mean(around), 3))
     return {
         "during_rounds_per_s": round(during, 2),
         "outside_rounds_per_s": round(outside, 2),
         "ratio": round(during / outside, 3) if outside else 0.0,
         "seconds_in_rounds": round(inside_s),
         "seconds_outside": round(outside_s),
+        "ratio_per_round": local,
+        "ratio_per_round_median": statistics.median(local) if local else None,
     }
 
 
@@ -565,6 +587,8 @@ def run_loop_soak(c: ChaosCluster, load: Load, hosts: dict[str, Host], minutes: 
         "round_every": round_every,
         "chats": len(load.outcomes),
         "chats_failed": sum(o.status != 200 for o in load.outcomes),
+        # 429: the per-key chat limit (20/s by default; every client here shares one key)
+        "chats_failed_by_status": dict(Counter(str(o.status) for o in load.outcomes if o.status != 200)),
         "hung": sum(o.hung for o in load.outcomes),
         "votes_acknowledged": len(load.acked),
         "rounds": log,
