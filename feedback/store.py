@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 from functools import cache
 from typing import Any, ClassVar
@@ -32,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from feedback.schema import FeedbackEvent
+from serving.protocol import CompletionRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,16 @@ def utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
-def split_of(completion_id: str) -> float:
-    """Where a completion falls in [0, 1): the first 8 bytes of the SHA-256 of its id. The trainer holds out the
-    completions below its `holdout_fraction` and samples replay and evaluation rows by ranges of it (an index
-    scan, whatever the store's size); every vote on one completion shares it."""
-    digest = hashlib.sha256(completion_id.encode()).digest()
+def split_of(completion: CompletionRecord) -> float:
+    """Where a completion falls in [0, 1): the first 8 bytes of the SHA-256 of what was asked and answered (its
+    messages and the set of its answers' texts), never of its random id. The trainer holds out the completions
+    below its `holdout_fraction` and samples replay and evaluation rows by ranges of it (an index scan, whatever
+    the store's size). Every vote on one completion shares it; a pair served twice (a seeded request sent
+    again) lands on the same side both times, so an evaluation never scores a pair its round trained on, and a
+    run that samples seeded pairs holds out the same ones every time. Stored with each event (`Feedback.split`):
+    changing this function leaves the stored values as they are."""
+    asked = [completion.messages, sorted(choice.text for choice in completion.choices)]
+    digest = hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -98,7 +105,7 @@ class Feedback(Base):
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     stored_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     split: Mapped[float] = mapped_column(Float, index=True)
-    """`split_of(completion_id)`, kept here so that the trainer's queries can use an index on it."""
+    """`split_of(completion)` when it was stored, kept here so that the trainer's queries can use an index on it."""
     round_id: Mapped[int | None] = mapped_column(Integer, index=True)
     """The training round that took this event as new data (it trained on it, or passed it over: held out, of no
     use to its loss, over a judge's share); NULL until one does. Written by the trainer (`trainer/data.py`)."""
@@ -204,7 +211,7 @@ def feedback_row(event: FeedbackEvent) -> dict[str, Any]:
         "comment": event.comment,
         "received_at": utc(event.received_at),
         "stored_at": dt.datetime.now(dt.UTC),
-        "split": split_of(event.completion.id),
+        "split": split_of(event.completion),
     }
 
 

@@ -7,6 +7,7 @@ Redis (or, where none answers, the embedded Valkey server), and the gateway over
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from deploy.local.engine import EngineConfig, EngineProcess
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
 from feedback import jobs
+from tests import parts
 from tests.gateway_helpers import MODEL_NAME, ROOT, GatewayFactory, ServerThread, feedback_settings, settings_for
 from tests.postgres import postgres_database
 from trainer import loop
@@ -32,6 +34,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if NEEDS_ENGINE & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List the parts this run opted out of (tests/parts.py) and how many tests each skipped."""
+    taken: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if parts.MARK in reason:
+            taken[reason.split(f"{parts.MARK}: ", 1)[1].split(":", 1)[0]] += 1
+    chosen = parts.opted_out()
+    if chosen or taken:
+        terminalreporter.section("opt-outs")
+        for part in sorted(chosen | set(taken)):
+            terminalreporter.write_line(f"{parts.VARIABLE}: {part} ({parts.PARTS[part]}): {taken[part]} tests skipped")
 
 
 @pytest.fixture(autouse=True)

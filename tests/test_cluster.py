@@ -35,13 +35,21 @@ from tests.cluster_helpers import (
     vllm_metric,
 )
 from tests.gateway_helpers import KEYS, MODEL_NAME
+from tests.parts import missing
 from trainer import registry
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(900),
-    pytest.mark.skipif(not can_isolate_hosts(), reason="gateway hosts need a mount namespace of their own (root)"),
+    pytest.mark.usefixtures("hosts_isolated"),
 ]
+
+
+@pytest.fixture(scope="module")
+def hosts_isolated() -> None:
+    if not can_isolate_hosts():
+        missing("cluster", "gateway hosts need a mount namespace of their own (root and unshare)")
+
 
 AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
 
@@ -130,7 +138,8 @@ def test_every_part_on_its_own_host(tmp_path: Path, tiny_model: Path, fresh_pg_u
             everyone,
         )
 
-        # 1. chats through one gateway, votes through the other (and again through the first: one row each)
+        # 1. chats through one gateway, votes through the other (and again through the first: one row each);
+        # seeded chats sample the same pairs, so the same ones are held out (feedback.store.split_of) every run
         ids: list[str] = []
         for i in range(200):
             a, b = (g1, g2) if i % 2 == 0 else (g2, g1)
@@ -141,7 +150,7 @@ def test_every_part_on_its_own_host(tmp_path: Path, tiny_model: Path, fresh_pg_u
             texts = [ch["message"]["content"] for ch in data["choices"]]
             if len(texts[0]) == len(texts[1]):
                 continue
-            feedback_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"cluster-vote-{i}"))  # the same split every run
+            feedback_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"cluster-vote-{i}"))
             preference = 0 if len(texts[0]) < len(texts[1]) else 1
             first = vote(b, data, preference, user, feedback_id)
             assert first.status_code == 202, first.text  # a token issued by one gateway, accepted by the other

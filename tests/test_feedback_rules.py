@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from deploy.local.engine import EngineProcess
+from deploy.local.redis_server import EmbeddedRedis
 from feedback.queue import status
 from serving import tokens
 from serving.ratelimit import RateLimit
@@ -211,13 +212,10 @@ def test_redis_unreachable_is_503_with_retry_after(
     assert int(resp.headers["Retry-After"]) == 3
 
 
-def test_no_aof_means_no_202(
-    engine: EngineProcess, make_gateway: GatewayFactory, redis_url: str, rdb: redis.Redis
-) -> None:
+def test_no_aof_means_no_202(engine: EngineProcess, make_gateway: GatewayFactory, valkey: EmbeddedRedis) -> None:
     """With durability `aof` (the default) a Redis that cannot confirm an fsync gets 503, not a false 202."""
-    if rdb.config_get("appendonly").get("appendonly") == "yes":
-        pytest.skip("this Redis has AOF on")
-    gw = make_gateway([engine.url], feedback={"feedback_durability": "aof"})
+    redis.Redis.from_url(valkey.url).config_set("appendonly", "no")
+    gw = make_gateway([engine.url], redis_url=valkey.url, feedback={"feedback_durability": "aof"})
     pair = chat_pair(gw.url)
     resp = send(gw.url, vote(pair))
     assert "appendonly" in error(resp, 503)["message"]

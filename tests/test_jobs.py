@@ -69,6 +69,6 @@ def test_jobs_queued_under_release_0_1_names_still_run(
     )
     check = Job.fetch(check.id, connection=client, serializer=JSONSerializer)
     # one pending vote: two KTO rows (too few pairs for DPO), none if its completion is held out
-    usable = 0 if held_out(old.completion.id, TrainerSettings().holdout_fraction) else 2
+    usable = 0 if held_out(old.completion, TrainerSettings().holdout_fraction) else 2
     assert check.get_status() == "finished" and check.return_value() == {"new_examples": usable}
     client.close()

@@ -33,6 +33,7 @@ from serving.follower import AdapterRouter
 from serving.protocol import ChatCompletionRequest, CompletionRecord, SamplingParams, ServedChoice
 from serving.routing import HISTORY_LIMIT, Routing, challenging, promoting, rolling_back, unchallenged
 from serving.settings import PairloopSettings, ServingSettings
+from tests.store_helpers import record
 from trainer.ab import decide
 from trainer.data import _cap, held_out
 from trainer.leaderboard import ELO, leaderboard
@@ -283,9 +284,12 @@ def test_the_ab_rule_holds_its_level_however_often_it_looks() -> None:
 
 
 def test_the_split_is_stable_and_one_judge_is_capped() -> None:
-    ids = [f"chatcmpl-{i}" for i in range(2000)]
-    share = sum(held_out(i, 0.2) for i in ids) / len(ids)
-    assert 0.17 < share < 0.23 and [held_out(i, 0.2) for i in ids] == [held_out(i, 0.2) for i in ids]
+    pairs = [record(f"Answer {i}.", f"Other {i}.") for i in range(2000)]
+    share = sum(held_out(c, 0.2) for c in pairs) / len(pairs)
+    assert 0.17 < share < 0.23 and [held_out(c, 0.2) for c in pairs] == [held_out(c, 0.2) for c in pairs]
+    # the side follows what was asked and answered, not the random id nor the order of the answers
+    again = [record(f"Other {i}.", f"Answer {i}.") for i in range(2000)]
+    assert [held_out(c, 0.2) for c in again] == [held_out(c, 0.2) for c in pairs]
     many = [{"judge": "key:spammer"} for _ in range(50)] + [{"judge": f"key:u{i}"} for i in range(50)]
     kept, dropped = _cap(many, 0.1)
     assert sum(r["judge"] == "key:spammer" for r in kept) == 10 and dropped == 40

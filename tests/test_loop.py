@@ -53,7 +53,8 @@ def loop_env(
 def collect_votes(gw: str, pairs: int, first_seed: int = 0) -> int:
     """Chat pairs judged by a simulated user who prefers the shorter answer: a taste that 40 votes teach the
     tiny model well enough to pass the gate on held-out pairs (the length bound is lifted for it). Each
-    request is seeded, so the same pairs are sampled run after run."""
+    request is seeded, so the same pairs are sampled, and held out, run after run (the split hashes a pair's
+    messages and answers, feedback.store.split_of)."""
     sent = 0
     for i in range(pairs * 4):
         user = f"judge-{i % 8}"

@@ -4,6 +4,7 @@ being pending; a crashed round's data is offered again; the migration fills the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 import uuid
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from deploy.migrations import alembic_config
 from feedback.schema import FeedbackEvent
 from feedback.store import Feedback, save_event, split_of
+from serving.protocol import CompletionRecord
 from tests.store_helpers import event, record
 from trainer.data import count_new, give_back, pending, select_round, take
 from trainer.settings import TrainerSettings
@@ -33,19 +35,24 @@ def settings(**overrides: Any) -> TrainerSettings:
     return TrainerSettings(**(values | overrides))
 
 
-_ids = (f"chatcmpl-{uuid.uuid4().hex}" for _ in itertools.count())
+_tries = itertools.count()
 
 
-def completion_id(held: bool = False) -> str:
-    """A completion id on the chosen side of the hold-out split."""
-    return next(i for i in _ids if (split_of(i) < HOLDOUT) == held)
+def on_side(a: str = "Answer A.", b: str = "Answer B.", held: bool = False) -> CompletionRecord:
+    """A completion on the chosen side of the hold-out split: its texts, each with a number that puts it there."""
+    return next(c for k in _tries if (split_of(c := record(f"{a} {k}", f"{b} {k}")) < HOLDOUT) == held)
+
+
+def id_split(completion_id: str) -> float:
+    """The split migration 0003 gave the events already stored: a hash of the completion's id."""
+    return int.from_bytes(hashlib.sha256(completion_id.encode()).digest()[:8], "big") / 2**64
 
 
 def votes(n: int, *, t0: float, held: bool = False, judges: int = 20, **fields: Any) -> list[FeedbackEvent]:
     """`n` pairwise votes on distinct two-choice completions, received one second apart from `t0`."""
     out = []
     for i in range(n):
-        c = record(f"Answer A {i}.", f"Answer B {i}.", cid=completion_id(held))
+        c = on_side(f"Answer A {i}.", f"Answer B {i}.", held=held)
         e = event(c, judge=f"judge-{i % judges}", **({"preference": "0"} | fields))
         out.append(e.model_copy(update={"received_at": t0 + i}))
     return out
@@ -116,7 +123,7 @@ def test_what_no_round_can_use_stops_being_pending_and_votes_stored_late_wait(st
     usable = votes(5, t0=t0)
     held = votes(3, t0=t0 + 10, held=True)
     ties = votes(3, t0=t0 + 20, preference="tie")
-    same = [event(record("Same.", "Same.", cid=completion_id()), preference="1").model_copy(update={"received_at": t0})]
+    same = [event(on_side("Same.", "Same."), preference="1").model_copy(update={"received_at": t0})]
     late = votes(2, t0=t0 - 500)  # received before the round's newest, stored after the round took its data
     with store(store_url) as engine:
         save(engine, usable + held + ties + same)
@@ -135,7 +142,7 @@ def test_what_no_round_can_use_stops_being_pending_and_votes_stored_late_wait(st
 
 def test_a_rating_pair_forms_when_its_up_arrives_after_its_down_was_taken(store_url: str) -> None:
     s = settings(train={"method": "dpo", "min_pairs": 1})
-    c = record("Good answer.", "Bad answer.", cid=completion_id())
+    c = on_side("Good answer.", "Bad answer.")
     down = event(c, kind="rating", choice=1, rating="down").model_copy(update={"received_at": time.time() - 100})
     up = event(c, kind="rating", choice=0, rating="up")
     with store(store_url) as engine:
@@ -148,7 +155,7 @@ def test_a_rating_pair_forms_when_its_up_arrives_after_its_down_was_taken(store_
             assert count_new(session, s) == 1
         data = run_round(engine, 2, s)
         assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in data.train] == [
-            ("Good answer.", "Bad answer.")
+            (c.choices[0].text, c.choices[1].text)
         ]
 
 
@@ -156,8 +163,7 @@ def test_auto_takes_kto_when_too_few_pairs_arrived(store_url: str) -> None:
     s = settings(train={"min_pairs": 4})
     t0 = time.time() - 100
     thumbs = [
-        event(record(cid=completion_id()), kind="rating", choice=0, rating="up").model_copy(update={"received_at": t0})
-        for _ in range(6)
+        event(on_side(), kind="rating", choice=0, rating="up").model_copy(update={"received_at": t0}) for _ in range(6)
     ]
     with store(store_url) as engine:
         save(engine, thumbs + votes(2, t0=t0))
@@ -228,7 +234,7 @@ def test_the_migration_fills_the_new_columns_of_an_older_store(tmp_path: Any) ->
     url = f"sqlite:///{tmp_path / 'old.db'}"
     command.upgrade(alembic_config(url), "0002")
     engine = create_engine(url)
-    ids = [completion_id() for _ in range(3)]
+    ids = [f"chatcmpl-{uuid.uuid4().hex}" for _ in range(3)]
     with engine.begin() as conn:
         for i, cid in enumerate(ids):
             conn.execute(
@@ -256,7 +262,8 @@ def test_the_migration_fills_the_new_columns_of_an_older_store(tmp_path: Any) ->
         got = conn.execute(text("SELECT id, completion_id, split, round_id FROM feedback ORDER BY id")).all()
     engine.dispose()
     assert [(f, r) for f, _, _, r in got] == [("f0", 4), ("f1", 4), ("f2", None)]
-    assert all(split == pytest.approx(split_of(cid), abs=0) for _, cid, split, _ in got)
+    # 0003 filled in the split of the time: the hash of the completion's id
+    assert all(split == pytest.approx(id_split(cid), abs=0) for _, cid, split, _ in got)
 
 
 def test_the_backlog_stays_bounded_and_what_is_over_it_is_replayed(store_url: str) -> None:

