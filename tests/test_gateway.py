@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletion
 
 from serving import tokens
 from serving.settings import ServingSettings
@@ -274,3 +275,12 @@ def test_stop_strings_and_seed_reach_vllm(client: openai.OpenAI, rdb: redis.Redi
     assert all("coffee" not in (c.message.content or "") for c in resp.choices)
     assert stored(rdb, resp.id)["sampling"]["stop"] == ["coffee", "\n\nUser:"]
     assert stored(rdb, resp.id)["sampling"]["seed"] == 7
+    # vLLM samples by the seed: the same seeded request gets the same two answers, another seed others
+    texts = [[c.message.content for c in r.choices] for r in (resp, seeded(client, 7), seeded(client, 8))]
+    assert all(texts[0]) and texts[1] == texts[0] and texts[2] != texts[0], texts
+
+
+def seeded(client: openai.OpenAI, seed: int) -> ChatCompletion:
+    return client.chat.completions.create(
+        model=MODEL_NAME, messages=PROMPT, max_tokens=40, seed=seed, stop=["coffee", "\n\nUser:"]
+    )

@@ -54,13 +54,14 @@ def test_a_rerun_waits_for_a_dead_workers_lock_to_lapse(valkey: EmbeddedRedis) -
         assert time.monotonic() - set_at >= 1.4, "taken only once the dead worker's lock lapsed"
         assert connection.get(LOCK_KEY) == lock.token.encode()
     assert not connection.exists(LOCK_KEY)
-    # a live holder (renewing every 1.7 s) is not waited out: the second gives up after its wait
-    with RoundLock(connection, ttl_s=5):
+    # a live holder keeps its lock past its TTL (its thread renews it every second here): a second one waiting
+    # more than twice the TTL gives up; without the renewals the key would lapse after 3 s and be taken
+    with RoundLock(connection, ttl_s=3) as holder:
         started = time.monotonic()
         with pytest.raises(RoundBusy):
-            RoundLock(connection, wait_s=2.5).__enter__()
-        assert time.monotonic() - started >= 2.5
-        assert connection.exists(LOCK_KEY)
+            RoundLock(connection, wait_s=7).__enter__()
+        assert time.monotonic() - started >= 7
+        assert connection.get(LOCK_KEY) == holder.token.encode()
     connection.close()
 
 

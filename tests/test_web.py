@@ -77,6 +77,7 @@ def test_prompt_stream_vote_and_the_dashboard_counts_it(
     # Rendered as it streams: the page counts the deltas it drew. Not both answers need to show it: when its
     # consumer lags (a loaded machine), vLLM merges the deltas it has not handed out yet into one
     # (RequestOutputCollector in vllm/v1/engine/output_processor.py), and a whole answer can arrive as one.
+    # That the gateway relays both answers as they come is tests/test_stream_relay.py's.
     assert max(chunks) > 1, f"neither answer arrived as a stream: {chunks} chunks"
     expect(page.locator("#adapter-0")).to_have_text("")  # hidden until the vote
 
