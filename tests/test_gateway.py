@@ -9,6 +9,7 @@ import openai
 import pytest
 import redis
 from openai.types.chat import ChatCompletion
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving import tokens
 from serving.settings import ServingSettings
@@ -238,22 +239,45 @@ def test_models_lists_the_public_model(client: openai.OpenAI, gateway: str) -> N
     assert httpx.get(f"{gateway}/v1/models").status_code == 401
 
 
-def test_health_readiness_and_metrics(client: openai.OpenAI, gateway: str) -> None:
-    client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=5)
+def metric_values(gateway: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the gateway's /metrics: (name, labels) to value."""
+    text = httpx.get(f"{gateway}/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_health_readiness_and_metrics_that_move(client: openai.OpenAI, gateway: str) -> None:
     assert httpx.get(f"{gateway}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{gateway}/readyz")
     assert ready.status_code == 200 and ready.json()["redis"] is True
-    text = httpx.get(f"{gateway}/metrics").text
-    for name in (
-        "pairloop_requests_total",
-        "pairloop_request_seconds_bucket",
-        "pairloop_tokens_total",
-        "pairloop_errors_total",
-        "pairloop_identical_pairs_total",
-        "pairloop_backends_healthy 1.0",
-    ):
-        assert name in text, name
-    assert 'route="/v1/chat/completions",status="200"' in text
+
+    before = metric_values(gateway)
+    resp = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=5)
+    bad = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        json={"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 0},
+        headers={"Authorization": f"Bearer {KEYS['full'].key}"},
+    )
+    after = metric_values(gateway)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    chat_route = {"route": "/v1/chat/completions"}
+    assert moved("pairloop_requests_total", **chat_route, status="200") == 1
+    assert moved("pairloop_requests_total", **chat_route, status=str(bad.status_code)) == 1
+    assert bad.status_code == 400 and moved("pairloop_errors_total", type="invalid_request_error") == 1
+    assert moved("pairloop_request_seconds_count", **chat_route) == 2
+    assert moved("pairloop_request_seconds_sum", **chat_route) > 0
+    assert resp.usage is not None
+    assert moved("pairloop_tokens_total", kind="prompt") == resp.usage.prompt_tokens > 0
+    assert moved("pairloop_tokens_total", kind="completion") == resp.usage.completion_tokens > 0
+    assert moved("pairloop_completions_recorded_total") == 1
+    assert after[("pairloop_backends_healthy", frozenset())] == 1
 
 
 def test_chunked_body_under_the_limit_is_served(gateway: str) -> None:

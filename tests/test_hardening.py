@@ -58,7 +58,10 @@ def test_static_files_carry_them_too(client: TestClient) -> None:
     for path in ("/static/charts.js", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
         resp = client.get(path)
         assert resp.status_code == 200, path
+        csp = resp.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
         assert resp.headers["x-content-type-options"] == "nosniff", path
+        assert resp.headers["referrer-policy"] == "no-referrer", path
 
 
 def test_the_api_docs_load_nothing_from_another_origin(client: TestClient) -> None:

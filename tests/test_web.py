@@ -57,6 +57,8 @@ def test_prompt_stream_vote_and_the_dashboard_counts_it(
     errors: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # a clean console: no CSP violation, no failed load (a missing icon), nothing the pages log as an error
+    page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
 
     # No key yet: the settings dialog opens; the key entered there is used from then on.
     page.goto(gw.url + "/")
