@@ -22,6 +22,7 @@ from deploy.migrations import upgrade
 from feedback import jobs
 from tests import parts
 from tests.gateway_helpers import MODEL_NAME, ROOT, GatewayFactory, ServerThread, feedback_settings, settings_for
+from tests.loop_helpers import clear_routing
 from tests.postgres import postgres_database
 from trainer import loop
 from trainer.tiny.build import default_model_dir, ensure_built
@@ -149,6 +150,15 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture
+def base_routing(redis_url: str) -> Iterator[None]:
+    """The base model serves every request at the start and after the test, whether or not it passed: the
+    session's vLLM engine and Redis are shared, so a champion left behind would serve the next test."""
+    clear_routing(redis_url)
+    yield
+    clear_routing(redis_url)
 
 
 @pytest.fixture

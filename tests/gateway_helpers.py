@@ -3,6 +3,7 @@ settings a test gateway runs with (rate limits off, the test keys, the session's
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import uvicorn
 
-from deploy.local.process import free_port
 from feedback.settings import FeedbackSettings
 from serving.ratelimit import RateLimit
 from serving.settings import ALL_SCOPES, ApiKey, ServingSettings
@@ -44,13 +44,16 @@ the tiny model that learns, and a gate those votes can pass."""
 
 
 class ServerThread:
-    """A real uvicorn server in a thread of the test process."""
+    """A real uvicorn server in a thread of the test process, on a port it holds from the start (bound here and
+    handed to uvicorn: no other process can take it between choosing and listening)."""
 
     def __init__(self, app: object) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")  # type: ignore[arg-type]
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port: int = self.socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning")  # type: ignore[arg-type]
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -68,6 +71,7 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+        self.socket.close()
 
 
 GatewayFactory = Callable[..., ServerThread]

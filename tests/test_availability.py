@@ -16,7 +16,7 @@ from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
 from tests.feedback_helpers import chat, send, vote
 from tests.gateway_helpers import KEYS, GatewayFactory
-from tests.loop_helpers import admin, clear_routing, make_adapter
+from tests.loop_helpers import admin, make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,10 @@ def test_vllm_killed_then_back(
     redis_url: str,
     tiny_model: Path,
     tmp_path: Path,
+    base_routing: None,
 ) -> None:
     store = f"sqlite:///{tmp_path / 'store.db'}"
     upgrade(store)
-    clear_routing(redis_url)
     champion = make_adapter(tiny_model, store, tmp_path, 1, seed=7)
     gw = make_gateway([engine.url], feedback={"database_url": store})
     assert httpx.get(f"{gw.url}/readyz").status_code == 200
@@ -104,7 +104,6 @@ def test_vllm_killed_then_back(
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
     assert [c["adapter"] for c in r.json()["pairloop"]["choices"]] == [champion, champion]
     assert champion in [m["id"] for m in httpx.get(f"{engine.url}/v1/models").json()["data"]]
-    clear_routing(redis_url)
 
 
 def test_redis_unreachable_is_503_on_chat_and_feedback_and_the_service_recovers_by_itself(

@@ -1,4 +1,5 @@
-"""Garbage in, a clear 4xx out: the gateway never answers 5xx to a malformed request, and records nothing."""
+"""Garbage in, a clear 4xx out: the gateway never answers 5xx to a malformed request, and records nothing; a body
+it takes is served in full (two answers, a record), streamed or not."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 import httpx
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serving.records import record_key
 from tests.gateway_helpers import KEYS
 
 pytestmark = pytest.mark.slow
@@ -21,25 +23,54 @@ values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-messages = st.lists(
+random_messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool", "x"]), "content": values}), max_size=3
 )
-bodies = st.fixed_dictionaries({}, optional={f: values for f in FIELDS} | {"messages": messages})
+# plausible conversations too, so that many bodies pass validation and reach vLLM and the record code
+plausible = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=40)}),
+    min_size=1,
+    max_size=3,
+)
+small = st.integers(1, 4)
+bodies = st.fixed_dictionaries(
+    {},
+    optional={f: values for f in FIELDS}
+    | {"messages": random_messages | plausible, "max_tokens": small | values, "n": st.just(2) | values}
+    | {"stream": st.booleans() | values, "temperature": st.floats(0, 2) | values, "seed": small | values},
+)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=bodies)
-def test_random_bodies_never_get_a_5xx(gateway: str, redis_url: str, body: dict) -> None:
-    # Only bodies the gateway must refuse: a valid one would be served, which is not what this test is about.
-    body["max_tokens"] = 10_000
-    r = httpx.post(
-        f"{gateway}/v1/chat/completions",
-        content=json.dumps(body, allow_nan=True),
-        headers={"Authorization": f"Bearer {KEYS['full'].key}", "Content-Type": "application/json"},
-        timeout=30,
-    )
-    assert 400 <= r.status_code < 500, r.text
-    assert r.json()["error"]["message"]
+def test_random_bodies_never_get_a_5xx_and_those_taken_are_served(gateway: str, rdb: redis.Redis) -> None:
+    served: list[dict] = []
+
+    @settings(max_examples=150, deadline=None)
+    @given(body=bodies)
+    def one(body: dict) -> None:
+        body.setdefault("max_tokens", 4)  # a body served without one would take the gateway's limit: slow, not wrong
+        r = httpx.post(
+            f"{gateway}/v1/chat/completions",
+            content=json.dumps(body, allow_nan=True),
+            headers={"Authorization": f"Bearer {KEYS['full'].key}", "Content-Type": "application/json"},
+            timeout=60,
+        )
+        if r.status_code != 200:
+            assert 400 <= r.status_code < 500, r.text
+            assert r.json()["error"]["message"]
+            return
+        served.append(body)
+        if r.headers["content-type"].startswith("text/event-stream"):
+            lines = [line for line in r.text.splitlines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines[-3:]
+            completion_id = json.loads(lines[0][6:])["id"]
+        else:
+            data = r.json()
+            assert len(data["choices"]) == 2 and data["pairloop"]["feedback_token"], data
+            completion_id = data["id"]
+        assert rdb.exists(record_key(completion_id)), "a served body leaves a record that feedback can refer to"
+
+    one()
+    assert len(served) >= 10, f"only {len(served)} of the fuzzed bodies were served: the fuzz stops at validation"
 
 
 def test_nothing_was_recorded_by_refused_requests(gateway: str, rdb: redis.Redis) -> None:

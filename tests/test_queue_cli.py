@@ -147,7 +147,7 @@ def test_a_retry_whose_scheduler_died_is_run(valkey: EmbeddedRedis, tmp_path: Pa
     connection.set(f"rq:scheduler-lock:{queue.name}", "dead-scheduler", ex=61)
     connection.zadd(queue.scheduled_job_registry.key, {e.feedback_id: int(time.time())})
 
-    assert worker.enqueue_overdue_retries(queue) == 0  # due now: a live scheduler would take it
+    assert worker.enqueue_overdue_retries(queue) == 0  # due now (in whole seconds): a live scheduler would take it
     time.sleep(2.1)
     assert worker.enqueue_overdue_retries(queue) == 1
     assert queue.job_ids == [e.feedback_id] and queue.scheduled_job_registry.count == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import threading
@@ -157,7 +158,10 @@ class FeedbackWorker(SimpleWorker):
         may run twice, which the idempotent handler allows.
         """
         registry = queue.scheduled_job_registry
-        job_ids = registry.get_jobs_to_schedule(int(time.time() - max(1.0, self.maintenance_interval)))
+        # RQ scores a retry by its due time in whole seconds (rounded down): one scored s was due by s + 1 at the
+        # latest, so it is overdue by an interval for sure once s + 1 <= now - interval
+        cutoff = math.floor(time.time() - max(1.0, self.maintenance_interval)) - 1
+        job_ids = registry.get_jobs_to_schedule(cutoff)
         count = 0
         for job_id in job_ids:
             job = queue.fetch_job(job_id)
