@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session
 
 from feedback import stats
 from feedback.schema import FeedbackRequest
-from feedback.service import AnyFeedback, FeedbackService
+from feedback.service import AnyFeedback, Feedback, FeedbackService
 from serving.api import require
 from serving.auth import Principal
 from serving.errors import Unavailable, responses
+from serving.services import service
 
 router = APIRouter()
 
@@ -44,14 +45,15 @@ def parse(raw: bytes) -> AnyFeedback:
         raise RequestValidationError(errors) from None
 
 
-async def _service(request: Request) -> FeedbackService:
-    service: FeedbackService = request.app.state.feedback
-    return service
+FeedbackDep = Annotated[Feedback, service(Feedback)]
 
 
-async def _store(request: Request) -> Engine:
-    engine: Engine = request.app.state.store
-    return engine
+async def _service(feedback: FeedbackDep) -> FeedbackService:
+    return feedback.service
+
+
+async def _store(feedback: FeedbackDep) -> Engine:
+    return feedback.store
 
 
 FeedbackCaller = Annotated[Principal, require("feedback")]

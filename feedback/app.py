@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
-
 from feedback.api import router
 from feedback.queue import FeedbackQueue
-from feedback.service import FeedbackService
+from feedback.service import Feedback, FeedbackService
 from feedback.settings import FeedbackSettings
 from feedback.store import make_engine
 from serving.app import Extension
+from serving.services import Gateway, Services
 
 __all__ = ["extension", "router"]
 
@@ -21,29 +20,30 @@ def extension(feedback: FeedbackSettings) -> Extension:
     """Starts the feedback service inside the gateway's lifespan (include `router` in the app as well)."""
 
     @contextlib.asynccontextmanager
-    async def run(app: FastAPI) -> AsyncIterator[None]:
-        settings = app.state.settings
+    async def run(gateway: Gateway, services: Services) -> AsyncIterator[None]:
+        settings = gateway.settings
         queue = FeedbackQueue(
-            app.state.redis,
+            gateway.redis,
             feedback,
             wait_aof=feedback.feedback_durability == "aof",
             waitaof_timeout_ms=feedback.feedback_waitaof_timeout_ms,
         )
         service = FeedbackService(
             feedback,
-            app.state.redis,
+            gateway.redis,
             queue,
-            app.state.limiter,
+            gateway.limiter,
             settings.token_secrets(),
-            app.state.metrics.registry,
+            gateway.metrics.registry,
             retry_after_s=settings.retry_after_s,
-            memory=app.state.redis_memory,
+            memory=gateway.memory,
         )
-        app.state.feedback = service
-        app.state.store = make_engine(feedback.store_url())
+        store = make_engine(feedback.store_url())
+        services.add(Feedback(feedback, service, store))
         try:
             yield
         finally:
-            app.state.store.dispose()
+            services.remove(Feedback)
+            store.dispose()
 
     return run

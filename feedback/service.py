@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import Engine
 
 from feedback.errors import CompletionExpired, CompletionNotFound, FeedbackConflict, InvalidFeedback, TokenRejected
 from feedback.queue import Claim, FeedbackQueue, QueueUnavailable, RecordGone
@@ -219,3 +221,13 @@ class FeedbackService:
                 )
         elif request.choice >= n:
             raise InvalidFeedback(f"Choice {request.choice} is out of range: the completion has {n}.", param="choice")
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """The feedback API's services in a running gateway (`feedback.app.extension` adds them to the app)."""
+
+    settings: FeedbackSettings
+    service: FeedbackService
+    store: Engine
+    """The preference store, for the routes that read it (GET /v1/feedback/stats, the loop's admin routes)."""

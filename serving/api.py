@@ -17,6 +17,7 @@ from serving.auth import Principal
 from serving.chat import ChatService
 from serving.errors import responses
 from serving.protocol import ChatCompletionRequest
+from serving.services import Gateway, service, services_of
 
 router = APIRouter()
 
@@ -37,13 +38,14 @@ async def _principal(
     known: Principal | None = getattr(request.state, "principal", None)  # set by serving.middleware.Authenticate
     if known is not None:
         return known
-    principal: Principal = request.app.state.keyring.authenticate(request.headers.get("authorization"))
-    return principal
+    return services_of(request.app).get(Gateway).keyring.authenticate(request.headers.get("authorization"))
 
 
-async def _chat_service(request: Request) -> ChatService:
-    service: ChatService = request.app.state.chat
-    return service
+GatewayDep = Annotated[Gateway, service(Gateway)]
+
+
+async def _chat_service(gateway: GatewayDep) -> ChatService:
+    return gateway.chat
 
 
 def require(scope: str) -> Any:
@@ -77,9 +79,9 @@ ChatServiceDep = Annotated[ChatService, Depends(_chat_service)]
     },
 )
 async def chat_completions(
-    request: Request, body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep
+    body: ChatCompletionRequest, caller: ChatCaller, service: ChatServiceDep, gateway: GatewayDep
 ) -> Response:
-    await request.app.state.limiter.take("chat", caller.key_id, body.user)
+    await gateway.limiter.take("chat", caller.key_id, body.user)
     if body.stream:
         stream = await service.open_stream(body, caller)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -178,7 +180,7 @@ async def backends(_: Annotated[Principal, require("admin")], service: ChatServi
         }
     },
 )
-async def metrics(request: Request, service: ChatServiceDep) -> Response:
-    m = request.app.state.metrics
+async def metrics(service: ChatServiceDep, gateway: GatewayDep) -> Response:
+    m = gateway.metrics
     m.backends_healthy.set(sum(b.healthy for b in service.pool.backends))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

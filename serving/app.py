@@ -28,14 +28,15 @@ from serving.metrics import Metrics
 from serving.middleware import Authenticate, BodyLimit, RequestMetrics
 from serving.ratelimit import RateLimiter
 from serving.redis_memory import RedisMemory
+from serving.services import Gateway, Services
 from serving.settings import ServingSettings
 from serving.vllm_admin import VllmAdmin
 
 log = logging.getLogger(__name__)
 
-Extension = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-"""Runs inside the gateway's lifespan, after its own resources (`app.state.redis`, `.limiter`, `.metrics`)
-are set up: how later stages (the feedback API) add their services without the gateway importing them."""
+Extension = Callable[[Gateway, Services], AbstractAsyncContextManager[None]]
+"""Runs inside the gateway's lifespan once its `Gateway` is built, and adds its own service to the app's
+`Services` for as long as it runs: how later stages (the feedback API) join without the gateway importing them."""
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:
@@ -123,19 +124,24 @@ def create_app(
                 max_loras=settings.vllm_max_loras,
                 unload_grace_s=settings.adapter_unload_grace_s,
             )
-            app.state.adapters = adapters
             memory = RedisMemory(
                 redis,
                 chat_limit=settings.redis_chat_limit,
                 feedback_limit=settings.redis_feedback_limit,
                 retry_after_s=settings.retry_after_s,
             )
-            app.state.redis_memory = memory
-            app.state.chat = ChatService(
-                settings, pool, client, redis, metrics, settings.secret.encode(), router=adapters, memory=memory
+            gateway = Gateway(
+                settings=settings,
+                metrics=metrics,
+                keyring=keyring,
+                redis=redis,
+                limiter=RateLimiter(redis, settings.rate_limits(), retry_after_s=settings.retry_after_s),
+                memory=memory,
+                chat=ChatService(
+                    settings, pool, client, redis, metrics, settings.secret.encode(), router=adapters, memory=memory
+                ),
+                adapters=adapters,
             )
-            app.state.redis = redis
-            app.state.limiter = RateLimiter(redis, settings.rate_limits(), retry_after_s=settings.retry_after_s)
             if keyring.open:
                 log.warning(
                     "no API keys configured: listening on loopback only (%s) and accepting requests without a key",
@@ -150,12 +156,14 @@ def create_app(
             # collector's full passes, which otherwise scan it all and stall the requests in flight
             # (bench/feedback.py: p99 from about 155 to 105 ms).
             gc.freeze()
+            services.add(gateway)
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     for extension in extensions:
-                        await stack.enter_async_context(extension(app))
+                        await stack.enter_async_context(extension(gateway, services))
                     yield
             finally:
+                services.remove(Gateway)
                 await memory.stop()
                 await adapters.stop()
                 await pool.stop()
@@ -164,10 +172,9 @@ def create_app(
 
     # No docs page here: deploy/app/pages.py serves Swagger UI from local files (FastAPI's loads it from a CDN).
     app = FastAPI(title="pairloop", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.metrics = metrics
-    app.state.keyring = keyring
-    app.state.settings = settings
-    install_handlers(app)
+    services = Services()
+    app.state.services = services
+    install_handlers(app, metrics)
     app.include_router(router)
     app.openapi = functools.partial(openapi_document, app)  # type: ignore[method-assign]
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -19,6 +19,7 @@ catch-all as a 500 in the same shape, logged with its traceback, and never shows
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -192,21 +195,13 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-def _count(request: Request, type_: str) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.errors.labels(type_).inc()
-
-
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
-    _count(request, exc.type)
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    _count(request, "invalid_request_error")
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
@@ -227,7 +222,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    _count(request, "invalid_request_error")
     return JSONResponse(
         error_body(str(exc.detail), "invalid_request_error", None),
         status_code=exc.status_code,
@@ -239,14 +233,29 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """Any other exception: a bug or an outage nobody mapped. Logged with its traceback; the client learns
     only that it happened (internals such as paths, SQL or addresses stay in the log)."""
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    _count(request, "server_error")
     body = error_body("The server had an unexpected error; it has been logged.", "server_error", "internal_error")
     return JSONResponse(body, status_code=500)
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Map every error the gateway raises, FastAPI's own, and any unexpected one to OpenAI's error shape."""
-    app.add_exception_handler(ServingError, _serving_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+
+
+def install_handlers(app: FastAPI, metrics: Metrics | None = None) -> None:
+    """Map every error the gateway raises, FastAPI's own, and any unexpected one to OpenAI's error shape, and
+    count each answer in `metrics` by its type."""
+
+    def counted(handler: Handler, type_of: Callable[[Exception], str]) -> Handler:
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            if metrics is not None:
+                metrics.errors.labels(type_of(exc)).inc()
+            return await handler(request, exc)
+
+        return handle
+
+    def invalid(_: Exception) -> str:
+        return "invalid_request_error"
+
+    app.add_exception_handler(ServingError, counted(_serving_error, lambda e: getattr(e, "type", "server_error")))
+    app.add_exception_handler(RequestValidationError, counted(_validation_error, invalid))
+    app.add_exception_handler(StarletteHTTPException, counted(_http_error, invalid))
+    app.add_exception_handler(Exception, counted(_unexpected, lambda _: "server_error"))

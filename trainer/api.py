@@ -14,18 +14,24 @@ replicas follow the routing record within their poll interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
+from feedback.service import Feedback
+from serving import redis_client
 from serving.api import require
+from serving.app import Extension
 from serving.auth import Principal
 from serving.errors import Conflict, InvalidRequest, responses
-from serving.follower import AdapterRouter
 from serving.routing import Routing, SwapResult, routing_json
+from serving.services import Gateway, Services, service
 from trainer import leaderboard, registry
 from trainer.data import backlog
 from trainer.errors import RoundBusy
@@ -38,9 +44,38 @@ Admin = Annotated[Principal, require("admin")]
 NAME = re.compile(r"^pl-v\d{4,}-[0-9a-f]{8}$")
 
 
-async def _promotions(request: Request) -> Promotions:
-    adapters: AdapterRouter = request.app.state.adapters
-    return Promotions(request.app.state.redis, request.app.state.store, adapters.promote_local)
+@dataclass(frozen=True)
+class LoopAdmin:
+    """The loop's admin routes' own services in a running gateway (`extension` adds them to the app)."""
+
+    settings: TrainerSettings
+    connection: redis.Redis
+    """A blocking client (serving.redis_client's) for RQ's queues, which take no asyncio client."""
+
+
+def extension(settings: TrainerSettings) -> Extension:
+    """Adds `LoopAdmin` to the gateway for as long as it runs (include `router` in the app as well)."""
+
+    @contextlib.asynccontextmanager
+    async def run(gateway: Gateway, services: Services) -> AsyncIterator[None]:
+        connection = redis_client.connect_sync(gateway.settings.redis_url or "")
+        services.add(LoopAdmin(settings, connection))
+        try:
+            yield
+        finally:
+            services.remove(LoopAdmin)
+            connection.close()
+
+    return run
+
+
+GatewayDep = Annotated[Gateway, service(Gateway)]
+FeedbackDep = Annotated[Feedback, service(Feedback)]
+LoopAdminDep = Annotated[LoopAdmin, service(LoopAdmin)]
+
+
+async def _promotions(gateway: GatewayDep, feedback: FeedbackDep) -> Promotions:
+    return Promotions(gateway.redis, feedback.store, gateway.adapters.promote_local)
 
 
 PromotionsDep = Annotated[Promotions, Depends(_promotions)]
@@ -74,19 +109,12 @@ async def promote(name: str, _: Admin, promotions: PromotionsDep) -> dict[str, A
     return _swap_body(await promotions.promote(name))
 
 
-def _trainer(request: Request) -> TrainerSettings:
-    settings: TrainerSettings = request.app.state.trainer_settings
-    return settings
-
-
 @router.post("/train", status_code=202, responses=responses(409))
-async def start_round(request: Request, _: Admin) -> dict[str, Any]:
-    settings = _trainer(request)
-    url = request.app.state.settings.redis_url
+async def start_round(_: Admin, loop: LoopAdminDep) -> dict[str, Any]:
+    settings = loop.settings
 
     def enqueue() -> str:
-        with redis.Redis.from_url(url) as connection:
-            return enqueue_round(connection, settings, "manual").id
+        return enqueue_round(loop.connection, settings, "manual").id
 
     try:
         job = await asyncio.to_thread(enqueue)
@@ -96,9 +124,9 @@ async def start_round(request: Request, _: Admin) -> dict[str, Any]:
 
 
 @router.get("/train")
-async def list_rounds(request: Request, _: Admin, promotions: PromotionsDep) -> dict[str, Any]:
+async def list_rounds(_: Admin, promotions: PromotionsDep, loop: LoopAdminDep) -> dict[str, Any]:
     """The latest rounds, and the backlog: the pending examples the next round would take."""
-    settings = _trainer(request)
+    settings = loop.settings
 
     def read() -> dict[str, Any]:
         with Session(promotions.store) as session:

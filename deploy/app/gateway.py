@@ -3,21 +3,23 @@
 serving/api.py       /v1/chat/completions, /v1/models, /healthz, /readyz, /metrics
 feedback/api.py      /v1/feedback, /v1/feedback/stats
 trainer/api.py       /admin/adapters, /admin/adapters/{name}/promote, /admin/adapters/rollback, /admin/train
-trainer/dashboard.py /admin/dashboard
+deploy/app/dashboard.py /admin/dashboard (what the dashboard page draws)
 deploy/app/pages.py  / (the arena), /dashboard, /static/*
+
+Each stage adds its typed service object to the app's `serving.services.Services` while the app runs: the
+gateway's `Gateway`, feedback's `Feedback`, the loop's `LoopAdmin`; the routes reach them by class.
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from deploy.app import pages
+from deploy.app import dashboard, pages
 from feedback import app as feedback_app
 from feedback.settings import FeedbackSettings
 from serving.app import create_app
 from serving.settings import ServingSettings
 from trainer import api as trainer_api
-from trainer import dashboard
 from trainer.settings import TrainerSettings
 
 
@@ -33,9 +35,9 @@ def build_app(
     if not settings.redis_url:
         raise ValueError("the gateway needs PAIRLOOP_REDIS_URL (`pairloop up` starts an embedded one)")
     feedback = feedback or FeedbackSettings(data_dir=settings.data_dir)
-    app = create_app(settings, vllm_urls=vllm_urls, extensions=[feedback_app.extension(feedback)])
-    app.state.feedback_settings = feedback
-    app.state.trainer_settings = trainer or TrainerSettings(data_dir=settings.data_dir)
+    trainer = trainer or TrainerSettings(data_dir=settings.data_dir)
+    stages = [feedback_app.extension(feedback), trainer_api.extension(trainer)]
+    app = create_app(settings, vllm_urls=vllm_urls, extensions=stages)
     app.include_router(feedback_app.router)
     app.include_router(trainer_api.router)
     app.include_router(dashboard.router)

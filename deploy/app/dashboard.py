@@ -1,4 +1,4 @@
-"""`GET /admin/dashboard` (scope `admin`): everything the dashboard page draws, in one read.
+"""`GET /admin/dashboard` (scope `admin`): everything the dashboard page (web/dashboard.html) draws, in one read.
 
 Adapter versions with their gate figures, the live champion-vs-challenger record with the statistic that decides,
 feedback counts over time, the queues' depth, the backlog of examples waiting for a round, and the last training
@@ -12,7 +12,7 @@ import datetime as dt
 from typing import Any
 
 import redis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -25,7 +25,7 @@ from serving.routing import load_routing, routing_json
 from trainer import queue as training_queue
 from trainer import registry
 from trainer.ab import live_record
-from trainer.api import Admin
+from trainer.api import Admin, FeedbackDep, GatewayDep, LoopAdminDep
 from trainer.data import backlog
 from trainer.settings import TrainerSettings
 
@@ -91,23 +91,20 @@ def _read_store(store: Engine, challenger: str | None, trainer: TrainerSettings)
         }
 
 
-def _read_queues(url: str, feedback: FeedbackSettings, trainer: TrainerSettings) -> dict[str, Any]:
-    with redis.Redis.from_url(url, socket_timeout=5.0) as connection:
-        return {
-            "feedback": feedback_queue.status(connection, feedback).as_dict(),
-            "training": {
-                "queued": training_queue.training_queue(connection, trainer).count,
-                "running": bool(connection.exists(training_queue.LOCK_KEY)),
-            },
-        }
+def _read_queues(connection: redis.Redis, feedback: FeedbackSettings, trainer: TrainerSettings) -> dict[str, Any]:
+    return {
+        "feedback": feedback_queue.status(connection, feedback).as_dict(),
+        "training": {
+            "queued": training_queue.training_queue(connection, trainer).count,
+            "running": bool(connection.exists(training_queue.LOCK_KEY)),
+        },
+    }
 
 
 @router.get("/dashboard")
-async def dashboard(request: Request, _: Admin) -> dict[str, Any]:
-    state = request.app.state
-    trainer: TrainerSettings = state.trainer_settings
-    routing = await load_routing(state.redis)
-    data = await asyncio.to_thread(_read_store, state.store, routing.challenger, trainer)
-    data["queues"] = await asyncio.to_thread(_read_queues, state.settings.redis_url, state.feedback_settings, trainer)
+async def dashboard(_: Admin, gateway: GatewayDep, feedback: FeedbackDep, loop: LoopAdminDep) -> dict[str, Any]:
+    routing = await load_routing(gateway.redis)
+    data = await asyncio.to_thread(_read_store, feedback.store, routing.challenger, loop.settings)
+    data["queues"] = await asyncio.to_thread(_read_queues, loop.connection, feedback.settings, loop.settings)
     data["routing"] = routing_json(routing)
     return data
