@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving.adapter_store import AdapterStore, store_ref
+from serving.adapters.store import AdapterStore, store_ref
 from tests.cluster_helpers import SteadyLoad, backends, cluster, vllm_address
 from tests.gateway_helpers import KEYS, MODEL_NAME
 from tests.postgres import postgres_database

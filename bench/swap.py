@@ -90,8 +90,8 @@ async def record_swap(redis_url: str, name: str, path: str) -> float:
     """The training worker's way: load and probe through the registered backends, then write the record."""
     from redis.asyncio import Redis
 
-    from serving.routing import promoting, registered_backends, swap
-    from serving.vllm_admin import VllmAdmin
+    from serving.adapters.routing import promoting, registered_backends, swap
+    from serving.adapters.vllm_admin import VllmAdmin
 
     async with Redis.from_url(redis_url) as client, httpx.AsyncClient() as http:
         result = await swap(client, VllmAdmin(http), await registered_backends(client), promoting(name, path))

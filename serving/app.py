@@ -18,19 +18,19 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
 from serving import redis_client
+from serving.adapters.router import AdapterRouter
+from serving.adapters.vllm_admin import VllmAdmin
 from serving.api import router
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.chat import ChatService
 from serving.errors import REFUSALS, ErrorResponse, install_handlers
-from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.middleware import Authenticate, BodyLimit, RequestMetrics
 from serving.ratelimit import RateLimiter
 from serving.redis_memory import RedisMemory
 from serving.services import Gateway, Services
 from serving.settings import ServingSettings
-from serving.vllm_admin import VllmAdmin
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The servers are a fixed list of URLs, DNS names re-resolved periodically (`dns+http://vllm:8000`: every
 address the name has is a backend, as a Kubernetes headless Service gives), or both. A backend that
 appears, or comes back after being down, takes no traffic until it is `ready`: the gateway's follower
-(`serving/follower.py`) has loaded the served adapters there and probed them. One that disappears from
+(`serving/adapters/router.py`) has loaded the served adapters there and probed them. One that disappears from
 DNS is drained (no new requests) and forgotten once its requests in flight finish.
 """
 

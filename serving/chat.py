@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from serving import records, tokens
+from serving.adapters.router import AdapterRouter
 from serving.auth import Principal
 from serving.backends import BackendPool
 from serving.errors import (
@@ -35,7 +36,6 @@ from serving.errors import (
     UpstreamError,
     error_body,
 )
-from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.protocol import ChatCompletionRequest, CompletionRecord, SamplingParams, ServedChoice
 from serving.redis_memory import RedisMemory

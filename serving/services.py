@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 from fastapi import Depends, FastAPI, Request
 from redis.asyncio import Redis
 
+from serving.adapters.router import AdapterRouter
 from serving.auth import KeyRing
 from serving.chat import ChatService
-from serving.follower import AdapterRouter
 from serving.metrics import Metrics
 from serving.ratelimit import RateLimiter
 from serving.redis_memory import RedisMemory

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from serving.adapter_store import AdapterStore, open_store
+from serving.adapters.store import AdapterStore, open_store
 from serving.ratelimit import RateLimit
 
 Scope = Literal["chat", "feedback", "admin"]

@@ -12,7 +12,7 @@ import redis
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from serving.routing import BACKENDS_KEY, ROUTING_KEY
+from serving.adapters.routing import BACKENDS_KEY, ROUTING_KEY
 from tests.feedback_helpers import auth
 from trainer import registry
 

@@ -13,12 +13,12 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from serving import backends as backends_module
-from serving.adapter_hosts import HOSTS_KEY, WANTED_KEY, host_path
-from serving.adapter_store import AdapterStore, is_store_ref, store_ref
-from serving.adapter_sync import AdapterSync
+from serving.adapters.hosts import HOSTS_KEY, WANTED_KEY, host_path
+from serving.adapters.routing import ROUTING_KEY, Routing
+from serving.adapters.store import AdapterStore, is_store_ref, store_ref
+from serving.adapters.sync import AdapterSync
 from serving.backends import BackendPool, resolve_entry
 from serving.errors import AdapterError
-from serving.routing import ROUTING_KEY, Routing
 from serving.settings import ServingSettings
 
 

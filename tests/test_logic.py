@@ -27,11 +27,11 @@ from feedback.schema import PairwiseFeedback, RatingFeedback, claim_value, finge
 from feedback.service import FeedbackService
 from feedback.settings import FeedbackSettings
 from serving import tokens
+from serving.adapters.router import AdapterRouter
+from serving.adapters.routing import HISTORY_LIMIT, Routing, challenging, promoting, rolling_back, unchallenged
 from serving.chat import ChatService
 from serving.errors import AdapterError, InvalidRequest, ModelNotFound, install_handlers
-from serving.follower import AdapterRouter
 from serving.protocol import ChatCompletionRequest, CompletionRecord, SamplingParams, ServedChoice
-from serving.routing import HISTORY_LIMIT, Routing, challenging, promoting, rolling_back, unchallenged
 from serving.settings import PairloopSettings, ServingSettings
 from tests.store_helpers import record
 from trainer.ab import decide

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
 from feedback.store import save_event
-from serving.routing import ROUTING_KEY
+from serving.adapters.routing import ROUTING_KEY
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
 from tests.gateway_helpers import LEARNING_ENV, MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends

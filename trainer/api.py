@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session
 
 from feedback.service import Feedback
 from serving import redis_client
+from serving.adapters.routing import Routing, SwapResult, routing_json
 from serving.api import require
 from serving.app import Extension
 from serving.auth import Principal
 from serving.errors import Conflict, InvalidRequest, responses
-from serving.routing import Routing, SwapResult, routing_json
 from serving.services import Gateway, Services, service
 from trainer import leaderboard, registry
 from trainer.data import backlog
@@ -75,7 +75,7 @@ LoopAdminDep = Annotated[LoopAdmin, service(LoopAdmin)]
 
 
 async def _promotions(gateway: GatewayDep, feedback: FeedbackDep) -> Promotions:
-    return Promotions(gateway.redis, feedback.store, gateway.adapters.promote_local)
+    return Promotions(gateway.redis, feedback.store, gateway.adapters.swap)
 
 
 PromotionsDep = Annotated[Promotions, Depends(_promotions)]

@@ -1,6 +1,6 @@
 """The adapter registry's state machine: promote, roll back, challenge, retire, and the live A/B decision.
 
-One call changes what is served (the routing record in Redis, through `serving.routing.swap`) and records it
+One call changes what is served (the routing record in Redis, through `serving.adapters.routing.swap`) and records it
 in the adapter registry (SQL, `trainer/registry.py`). The swap comes first: if vLLM cannot load or serve the
 adapter, the registry is left as it was. `Promotions` is used by the gateway's admin API, the CLI and the
 training worker alike; `evaluate_ab` applies the rule of `trainer/ab.py` to the challenger's live record.
@@ -17,9 +17,7 @@ from redis.asyncio import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from serving.errors import AdapterError
-from serving.redis_client import connect
-from serving.routing import (
+from serving.adapters.routing import (
     Routing,
     SwapResult,
     challenging,
@@ -30,7 +28,9 @@ from serving.routing import (
     swap,
     unchallenged,
 )
-from serving.vllm_admin import VllmAdmin
+from serving.adapters.vllm_admin import VllmAdmin
+from serving.errors import AdapterError
+from serving.redis_client import connect
 from trainer import registry
 from trainer.ab import AbResult, ab_votes, decide
 

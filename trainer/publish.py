@@ -2,7 +2,7 @@
 
 With an adapter store configured (`PAIRLOOP_ADAPTER_STORE_URL`), a candidate that passed the gate is published
 before anything tries to serve it, and its registry path becomes `store:<name>`: each vLLM host's sidecar
-copies it from there (`serving/adapter_sync.py`), so the trainer needs no access to any vLLM host's disk.
+copies it from there (`serving/adapters/sync.py`), so the trainer needs no access to any vLLM host's disk.
 Without one (the embedded default), the adapter stays in the data dir, which the vLLM child reads directly.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.adapter_store import is_store_ref, store_ref
+from serving.adapters.store import is_store_ref, store_ref
 from serving.errors import AdapterError
 from trainer.errors import RoundFailed
 from trainer.settings import TrainerSettings

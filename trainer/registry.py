@@ -8,7 +8,7 @@ An adapter is named once and never renamed or rewritten: `pl-v0003-1a2b3c4d` is 
     candidate -> champion   (ab_fraction 0)    challenger -> retired (lost the live A/B test)
 
 `retired` also covers a champion that was rolled back or replaced. Which adapter is served is decided by
-the routing record in Redis (`serving/routing.py`); this table is its durable history.
+the routing record in Redis (`serving/adapters/routing.py`); this table is its durable history.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from feedback import queue as feedback_queue
 from feedback.settings import FeedbackSettings
 from feedback.store import Feedback
+from serving.adapters.routing import load_routing, routing_json
 from serving.errors import responses
-from serving.routing import load_routing, routing_json
 from trainer import queue as training_queue
 from trainer import registry
 from trainer.ab import live_record

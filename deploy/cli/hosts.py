@@ -117,7 +117,7 @@ def adapter_sync(
 ) -> None:
     """Keep DIR holding the adapters that are or may be served, copied from the adapter store
     (PAIRLOOP_ADAPTER_STORE_URL) with every hash checked, and report them in Redis (PAIRLOOP_REDIS_URL)."""
-    from serving.adapter_sync import AdapterSync
+    from serving.adapters.sync import AdapterSync
     from serving.errors import AdapterError
     from serving.redis_client import connect
     from serving.settings import PairloopSettings

@@ -1,11 +1,11 @@
 """The gateway's side of adapter routing: follow the routing record, pick the adapter of each choice, and
 keep this gateway's vLLM backends holding what is served.
 
-Each gateway polls the record (`serving/routing.py`) every `adapter_poll_s`; when it changes, it makes sure
+Each gateway polls the record (`serving/adapters/routing.py`) every `adapter_poll_s`; when it changes, it makes sure
 its backends hold the new adapters and switches. A request keeps the adapter it started with; an adapter
 that no longer serves is unloaded once this gateway has no request in flight on it. A backend that
 appears (discovery) or restarts takes no request until the served adapters are loaded there and answered a
-probe (`Backend.ready`). Each adapter's path on a backend's host comes from `serving/adapter_hosts.py`.
+probe (`Backend.ready`). Each adapter's path on a backend's host comes from `serving/adapters/hosts.py`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from serving.adapter_hosts import host_path
+from serving.adapters.hosts import host_path
+from serving.adapters.routing import BACKENDS_KEY, Routing, SwapResult, load_routing, swap
+from serving.adapters.vllm_admin import VllmAdmin
 from serving.backends import Backend, BackendPool
 from serving.errors import AdapterError
-from serving.routing import BACKENDS_KEY, Routing, SwapResult, load_routing, swap
-from serving.vllm_admin import VllmAdmin
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class AdapterRouter:
                 backend.models = [m for m in backend.models if m != name]
                 log.info("unloaded %s from %s", name, backend.url)
 
-    async def promote_local(self, change: Callable[[Routing], Routing]) -> SwapResult:
+    async def swap(self, change: Callable[[Routing], Routing]) -> SwapResult:
         """A swap through this gateway's own backends, followed at once (no poll delay)."""
         urls = [b.url for b in self.pool.healthy() if not b.draining]
         result = await swap(self.redis, self.admin, urls, change)

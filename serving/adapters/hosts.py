@@ -1,7 +1,7 @@
 """Where each vLLM host keeps its copies of the adapters: the records its `pairloop adapter-sync` sidecar writes.
 
-Beside every vLLM server runs `pairloop adapter-sync` (`serving/adapter_sync.py`): it copies adapters from
-the adapter store (`serving/adapter_store.py`) into a directory that its vLLM server reads and reports in
+Beside every vLLM server runs `pairloop adapter-sync` (`serving/adapters/sync.py`): it copies adapters from
+the adapter store (`serving/adapters/store.py`) into a directory that its vLLM server reads and reports in
 Redis (`pairloop:adapter-hosts`, one field per vLLM URL) which adapters that directory holds.
 
 Whoever loads an adapter into a vLLM server (a swap, a gateway's follower) asks `host_path` for the
@@ -19,7 +19,7 @@ import time
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
-from serving.adapter_store import STORE_REF, is_store_ref
+from serving.adapters.store import STORE_REF, is_store_ref
 from serving.errors import AdapterError
 
 HOSTS_KEY = "pairloop:adapter-hosts"

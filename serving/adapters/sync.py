@@ -2,7 +2,7 @@
 
 It copies the adapters that are served, were served (rollback targets) or are about to be (a swap asked
 for them), from the adapter store into a directory that its vLLM server reads, with every hash checked, and
-reports in Redis what that directory holds (`serving/adapter_hosts.py`, where the loaders look).
+reports in Redis what that directory holds (`serving/adapters/hosts.py`, where the loaders look).
 
 Why a sidecar rather than a vLLM LoRA resolver plugin (docs/DEPLOY.md): vLLM 0.32 calls resolvers only when
 a request names an adapter it does not know (never from `/v1/load_lora_adapter`), inside its API server,
@@ -21,10 +21,10 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from serving.adapter_hosts import HOSTS_KEY, WANTED_FOR_S, WANTED_KEY, HostRecord
-from serving.adapter_store import AdapterStore, is_store_ref
+from serving.adapters.hosts import HOSTS_KEY, WANTED_FOR_S, WANTED_KEY, HostRecord
+from serving.adapters.routing import load_routing
+from serving.adapters.store import AdapterStore, is_store_ref
 from serving.errors import AdapterError
-from serving.routing import load_routing
 
 log = logging.getLogger(__name__)
 

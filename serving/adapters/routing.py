@@ -3,8 +3,8 @@
 The routing record (`pairloop:routing`, JSON) names the champion (None: the base model), an optional
 challenger with the share of pairs it plays in (`ab_fraction`), earlier champions for rollback, and each
 adapter's path: a directory on a disk every vLLM server shares, or `store:<name>` for an adapter in the
-adapter store, which each vLLM host's sidecar copies to its own disk (`serving/adapter_hosts.py`).
-Every gateway replica follows the same record (`serving/follower.py`), so they agree on what is served.
+adapter store, which each vLLM host's sidecar copies to its own disk (`serving/adapters/hosts.py`).
+Every gateway replica follows the same record (`serving/adapters/router.py`), so they agree on what is served.
 
 A swap (`swap` with one of the transitions `promoting`, `rolling_back`, `challenging`, `unchallenged`)
 first loads every adapter the new record serves into every vLLM backend and checks each with a one-token
@@ -29,9 +29,9 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from serving.adapter_hosts import host_path
+from serving.adapters.hosts import host_path
+from serving.adapters.vllm_admin import VllmAdmin
 from serving.errors import AdapterError
-from serving.vllm_admin import VllmAdmin
 
 log = logging.getLogger(__name__)
 
