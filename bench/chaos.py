@@ -62,7 +62,7 @@ from tests.gateway_helpers import KEYS, LEARNING_ENV, MODEL_NAME  # noqa: E402
 from tests.postgres import postgres_database  # noqa: E402
 from trainer.tiny.build import default_model_dir, ensure_built  # noqa: E402
 
-AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
+AUTH = {"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"}
 CLIENT_TIMEOUT_S = 30.0
 
 

@@ -32,7 +32,7 @@ from tests.postgres import postgres_database
 from trainer import registry
 from trainer.tiny.build import default_model_dir, ensure_built
 
-AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
+AUTH = {"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"}
 
 
 def make_adapter(model: Path, out: Path) -> tuple[str, Path]:

@@ -138,7 +138,14 @@ def create_app(
                 limiter=RateLimiter(redis, settings.rate_limits(), retry_after_s=settings.retry_after_s),
                 memory=memory,
                 chat=ChatService(
-                    settings, pool, client, redis, metrics, settings.secret.encode(), router=adapters, memory=memory
+                    settings,
+                    pool,
+                    client,
+                    redis,
+                    metrics,
+                    settings.secret.get_secret_value().encode(),
+                    router=adapters,
+                    memory=memory,
                 ),
                 adapters=adapters,
             )

@@ -27,7 +27,7 @@ class KeyRing:
     """Looks keys up by a SHA-256 of the secret: the lookup's timing says nothing about the secret itself."""
 
     def __init__(self, keys: list[ApiKey]) -> None:
-        self._by_digest = {self._digest(k.key): Principal(k.id, frozenset(k.scopes)) for k in keys}
+        self._by_digest = {self._digest(k.key.get_secret_value()): Principal(k.id, frozenset(k.scopes)) for k in keys}
 
     @staticmethod
     def _digest(secret: str) -> bytes:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from serving import tasks
 from serving.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -184,10 +185,7 @@ class BackendPool:
         self._task = asyncio.create_task(self._loop(), name="vllm-health")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until some backend is healthy (True), or `timeout_s` passes (False)."""

@@ -19,6 +19,7 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from serving import tasks
 from serving.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,4 @@ class RedisMemory:
         self._task = asyncio.create_task(self._watch(), name="redis-memory")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serving.adapters.store import AdapterStore, open_store
@@ -26,6 +26,19 @@ ENV_PREFIX = "PAIRLOOP_"
 
 PLACEHOLDER = "replace-me"
 """How every example secret in deploy/ begins; a setting that still holds one is refused."""
+
+
+def revealed(value: object) -> str:
+    """`value` as text with its secrets shown: what the placeholder check reads."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return revealed(dict(value))
+    if isinstance(value, dict):
+        return " ".join(f"{k} {revealed(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return " ".join(revealed(v) for v in value)
+    return str(value)
 
 
 def default_data_dir() -> Path:
@@ -68,7 +81,7 @@ class PairloopSettings(BaseSettings):
         description="Where finished adapters are published for every vLLM host: a shared directory or "
         "`s3://bucket/prefix` (docs/DEPLOY.md); unset: the data dir, read by the one vLLM server beside it.",
     )
-    vllm_api_key: str | None = Field(
+    vllm_api_key: SecretStr | None = Field(
         None,
         description="Bearer key of the vLLM servers (their VLLM_API_KEY): gateways and the trainer send it; unset: "
         "the key `pairloop up` made for its vLLM child in the data dir, if any.",
@@ -80,22 +93,10 @@ class PairloopSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_placeholders(self) -> PairloopSettings:
-        """Refuse the example values of deploy/pairloop.env.example and deploy/k8s (a copy applied unchanged)."""
-        values: dict[str, object] = {
-            name: getattr(self, name)
-            for name in (
-                "database_url",
-                "redis_url",
-                "adapter_store_options",
-                "vllm_api_key",
-                "secret",
-                "secret_previous",
-                "api_keys",
-            )
-            if hasattr(self, name)
-        }
-        for name, value in values.items():
-            if PLACEHOLDER in str(value):
+        """Refuse the example values of deploy/pairloop.env.example and deploy/k8s (a copy applied unchanged), in
+        any field of any part's settings, secrets (`SecretStr`, shown as '**********') included."""
+        for name in type(self).model_fields:
+            if PLACEHOLDER in revealed(getattr(self, name)):
                 raise ValueError(
                     f"{ENV_PREFIX}{name.upper()} still holds an example value ('{PLACEHOLDER}…'): set a real one "
                     "(docs/DEPLOY.md, 'Secrets')"
@@ -105,7 +106,7 @@ class PairloopSettings(BaseSettings):
     def vllm_key(self) -> str | None:
         """The key the vLLM servers take: PAIRLOOP_VLLM_API_KEY, or the one `pairloop up` keeps in the data dir."""
         if self.vllm_api_key:
-            return self.vllm_api_key
+            return self.vllm_api_key.get_secret_value()
         path = vllm_key_file(self.data_dir)
         return path.read_text().strip() if path.is_file() else None
 
@@ -122,7 +123,7 @@ class ApiKey(BaseModel):
     """One client credential. `id` is what records and logs carry; `key` is the secret the client sends."""
 
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    key: str = Field(min_length=16, max_length=256)
+    key: SecretStr = Field(min_length=16, max_length=256)
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["chat", "feedback"]))
 
 
@@ -180,10 +181,10 @@ class ServingSettings(PairloopSettings):
         default_factory=list,
         description='JSON list of {"id", "key", "scopes"}; unset: loopback only (`pairloop up` makes a dev key).',
     )
-    secret: str | None = Field(
+    secret: SecretStr | None = Field(
         None, min_length=32, description="HMAC secret for feedback tokens; required with an external Redis."
     )
-    secret_previous: str | None = Field(
+    secret_previous: SecretStr | None = Field(
         None,
         min_length=32,
         description="The PAIRLOOP_SECRET before a rotation: tokens it signed are still accepted (new ones are signed "
@@ -192,7 +193,7 @@ class ServingSettings(PairloopSettings):
 
     def token_secrets(self) -> tuple[bytes, ...]:
         """The secrets a feedback token may be signed with: the current one first, then the previous one."""
-        return tuple(s.encode() for s in (self.secret, self.secret_previous) if s)
+        return tuple(s.get_secret_value().encode() for s in (self.secret, self.secret_previous) if s)
 
     responses_per_request: int = Field(2, ge=1, le=2, description="Choices per request when `n` is absent.")
     record_ttl_s: int = Field(

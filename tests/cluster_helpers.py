@@ -399,7 +399,7 @@ def backends(gateway: Host) -> list[dict[str, Any]]:
 
 
 def _admin() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS['full'].key}"}
+    return {"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"}
 
 
 @contextlib.contextmanager

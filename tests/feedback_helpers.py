@@ -31,7 +31,7 @@ PROMPT = [{"role": "user", "content": "Tell me about tea."}]
 
 
 def auth(key: str = "full") -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[key].key}"}
+    return {"Authorization": f"Bearer {KEYS[key].key.get_secret_value()}"}
 
 
 def chat(base: str, key: str = "full", **body: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from tests.loop_helpers import admin, make_adapter
 
 pytestmark = pytest.mark.slow
 
-AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
+AUTH = {"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"}
 BODY = {"messages": [{"role": "user", "content": "What is tea?"}], "max_tokens": 8}
 
 

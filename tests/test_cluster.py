@@ -51,7 +51,7 @@ def hosts_isolated() -> None:
         missing("cluster", "gateway hosts need a mount namespace of their own (root and unshare)")
 
 
-AUTH = {"Authorization": f"Bearer {KEYS['full'].key}"}
+AUTH = {"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"}
 
 
 def chat(gateway: Host, user: str, seed: int, **body: Any) -> httpx.Response:

@@ -51,7 +51,10 @@ def test_random_bodies_never_get_a_5xx_and_those_taken_are_served(gateway: str, 
         r = httpx.post(
             f"{gateway}/v1/chat/completions",
             content=json.dumps(body, allow_nan=True),
-            headers={"Authorization": f"Bearer {KEYS['full'].key}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}",
+                "Content-Type": "application/json",
+            },
             timeout=60,
         )
         if r.status_code != 200:
@@ -78,7 +81,10 @@ def test_nothing_was_recorded_by_refused_requests(gateway: str, rdb: redis.Redis
         r = httpx.post(
             f"{gateway}/v1/chat/completions",
             content=body,
-            headers={"Authorization": f"Bearer {KEYS['full'].key}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}",
+                "Content-Type": "application/json",
+            },
         )
         assert 400 <= r.status_code < 500
     assert not list(rdb.scan_iter("pairloop:completion:*"))

@@ -22,7 +22,7 @@ PROMPT = [{"role": "user", "content": "Tell me about coffee."}]
 
 @pytest.fixture
 def client(gateway: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEYS["full"].key, max_retries=0)
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEYS["full"].key.get_secret_value(), max_retries=0)
 
 
 def stored(rdb: redis.Redis, completion_id: str) -> dict:
@@ -51,7 +51,7 @@ def test_two_choices_by_default_and_the_record_matches(client: openai.OpenAI, rd
     assert rec["messages"] == PROMPT
     assert rec["sampling"]["n"] == 2 and rec["sampling"]["max_tokens"] == 40 and rec["sampling"]["temperature"] == 1
     assert rec["key_id"] == "full" and rec["user"] == "alice"
-    assert KEYS["full"].key not in json.dumps(rec)
+    assert KEYS["full"].key.get_secret_value() not in json.dumps(rec)
     assert rec["created_at"] <= rec["finished_at"] < rec["expires_at"]
     ttl = rdb.ttl(f"pairloop:completion:{resp.id}")
     window = ServingSettings.model_fields["record_ttl_s"].default  # the feedback window: a day
@@ -114,7 +114,7 @@ def test_stream_raw_sse_ends_with_done(gateway: str) -> None:
         "POST",
         f"{gateway}/v1/chat/completions",
         json=body,
-        headers={"Authorization": f"Bearer {KEYS['full'].key}"},
+        headers={"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"},
         timeout=60,
     ) as r:
         assert r.status_code == 200
@@ -171,7 +171,7 @@ def test_prompt_longer_than_the_context_is_a_client_error(client: openai.OpenAI,
 
 
 def post(gateway: str, content: bytes | str, key: str = "full", **headers: str) -> httpx.Response:
-    h = {"Authorization": f"Bearer {KEYS[key].key}", "Content-Type": "application/json", **headers}
+    h = {"Authorization": f"Bearer {KEYS[key].key.get_secret_value()}", "Content-Type": "application/json", **headers}
     return httpx.post(f"{gateway}/v1/chat/completions", content=content, headers=h, timeout=30)
 
 
@@ -216,7 +216,7 @@ def test_chunked_body_over_the_limit_is_413(gateway: str) -> None:
     r = httpx.post(
         f"{gateway}/v1/chat/completions",
         content=chunks(),
-        headers={"Authorization": f"Bearer {KEYS['full'].key}"},
+        headers={"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"},
         timeout=30,
     )
     assert r.status_code == 413
@@ -259,7 +259,7 @@ def test_health_readiness_and_metrics_that_move(client: openai.OpenAI, gateway: 
     bad = httpx.post(
         f"{gateway}/v1/chat/completions",
         json={"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 0},
-        headers={"Authorization": f"Bearer {KEYS['full'].key}"},
+        headers={"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"},
     )
     after = metric_values(gateway)
 
@@ -285,7 +285,7 @@ def test_chunked_body_under_the_limit_is_served(gateway: str) -> None:
     r = httpx.post(
         f"{gateway}/v1/chat/completions",
         content=iter([body[:10], body[10:]]),
-        headers={"Authorization": f"Bearer {KEYS['full'].key}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}", "Content-Type": "application/json"},
         timeout=30,
     )
     assert r.status_code == 200, r.text

@@ -26,7 +26,7 @@ from serving.middleware import PROTECTED_PREFIXES
 from serving.settings import ServingSettings
 from tests.gateway_helpers import KEYS, SECRET, GatewayFactory, feedback_settings
 
-ADMIN = {"Authorization": f"Bearer {KEYS['full'].key}"}
+ADMIN = {"Authorization": f"Bearer {KEYS['full'].key.get_secret_value()}"}
 EXAMPLES = 12
 """Examples per operation: about 200 requests in all, a minute or two on two cores (derandomized: the same ones
 every run)."""

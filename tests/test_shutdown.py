@@ -30,7 +30,7 @@ from deploy.local.process import free_port
 from deploy.local.stack import APP_SHUTDOWN_S
 from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET, GatewayFactory
 
-KEY = KEYS["full"].key
+KEY = KEYS["full"].key.get_secret_value()
 
 
 def _clean_env() -> dict[str, str]:

@@ -66,7 +66,7 @@ def test_build_is_reproducible_with_a_seed(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_answers_are_readable_at_temperature_one(gateway: str) -> None:
     """At least 90% of generated words are words of the corpus, over 50 prompts (100 sampled answers)."""
-    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEYS["full"].key, max_retries=0)
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEYS["full"].key.get_secret_value(), max_retries=0)
     rng = random.Random(1234)
     vocab = corpus.vocabulary()
     known = total = 0

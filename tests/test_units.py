@@ -1,8 +1,9 @@
-"""Pure unit tests: feedback tokens, API keys, settings checks, the backend pool (with httpx.MockTransport), the
-training worker's CPU priority (in a child process)."""
+"""Pure unit tests: feedback tokens, API keys, settings checks, the backend pool (against an aiohttp test
+server), secret rotation, the training worker's CPU priority (in a child process), stopping a background loop that loses a cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from deploy.local.process import free_port
-from serving import tokens
+from serving import tasks, tokens
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.errors import Forbidden, Unauthorized, Unavailable
@@ -162,3 +163,27 @@ def test_the_training_worker_lowers_its_priority(priority: str | int, policy: st
     got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
     expected = getattr(os, policy)
     assert got.stdout.split() == [str(expected), str(nice), str(expected), str(nice)], got.stdout
+
+
+def test_a_background_loop_that_swallows_a_cancellation_is_stopped_all_the_same() -> None:
+    """What asyncio.wait_for does on Python 3.11 when a cancel() meets its inner future's completion."""
+    swallowed = []
+
+    async def loop_on() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if not swallowed:
+                    swallowed.append(True)
+                    continue  # the first cancellation is lost
+                raise
+
+    async def run() -> asyncio.Task[None]:
+        task = asyncio.create_task(loop_on())
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(tasks.stop(task), timeout=5)
+        return task
+
+    task = asyncio.run(run())
+    assert swallowed and task.cancelled()

@@ -63,7 +63,7 @@ def test_prompt_stream_vote_and_the_dashboard_counts_it(
     # No key yet: the settings dialog opens; the key entered there is used from then on.
     page.goto(gw.url + "/")
     expect(page.locator("#settings")).to_be_visible()
-    page.fill("#api-key", KEYS["full"].key)
+    page.fill("#api-key", KEYS["full"].key.get_secret_value())
     page.fill("#user", "alice")
     page.click("#save-settings")
     expect(page.locator("#key-state")).to_have_text("key set")

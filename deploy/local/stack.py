@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from pydantic import SecretStr
 
 from deploy.app.gateway import build_app
 from deploy.local.engine import EngineProcess, engine_config
@@ -159,7 +160,7 @@ def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = Tru
         check_model(settings.model)  # the trainer's base model
     try:
         if not settings.redis_url:
-            update["secret"] = settings.secret or load_or_create(data_dir / "secrets" / "token-secret")
+            update["secret"] = settings.secret or SecretStr(load_or_create(data_dir / "secrets" / "token-secret"))
             stack.redis = EmbeddedRedis(
                 data_dir,
                 load_or_create(data_dir / "secrets" / "redis-password"),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from serving import tasks
 from serving.adapters.hosts import host_path
 from serving.adapters.routing import BACKENDS_KEY, Routing, SwapResult, load_routing, swap
 from serving.adapters.vllm_admin import VllmAdmin
@@ -91,10 +92,7 @@ class AdapterRouter:
         self._task = asyncio.create_task(self._loop(), name="adapter-routing")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
 
     async def _loop(self) -> None:
         while True:
