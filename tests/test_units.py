@@ -1,5 +1,6 @@
 """Pure unit tests: feedback tokens, API keys, settings checks, the backend pool (against an aiohttp test
-server), secret rotation, the training worker's CPU priority (in a child process), stopping a background loop that loses a cancellation."""
+server), secret rotation, the training worker's CPU priority (in a child process), stopping a background loop
+that loses a cancellation."""
 
 from __future__ import annotations
 
