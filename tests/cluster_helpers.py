@@ -42,7 +42,7 @@ import httpx
 from deploy.local.process import free_port
 from deploy.local.redis_server import EmbeddedRedis
 from tests import compose_file
-from tests.gateway_helpers import KEYS, LEARNING_ENV, MODEL_NAME, SECRET
+from tests.gateway_helpers import KEYS, LEARNING_ENV, MODEL_NAME, SECRET, keys_json
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 POOL_NAME = "vllm-pool"
@@ -54,7 +54,7 @@ COMPOSE_VARIABLES = {
     "REDIS_PASSWORD": VALKEY_PASSWORD,
     "POSTGRES_PASSWORD": "unused-the-cluster-uses-its-own-database",
     "PAIRLOOP_SECRET": SECRET,
-    "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
+    "PAIRLOOP_API_KEYS": keys_json(),
     "VLLM_API_KEY": VLLM_KEY,
     "S3_ACCESS_KEY": ACCESS_KEY,
     "S3_SECRET_KEY": SECRET_KEY,

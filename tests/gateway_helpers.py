@@ -3,6 +3,7 @@ settings a test gateway runs with (rate limits off, the test keys, the session's
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -72,6 +73,11 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.socket.close()
+
+
+def keys_json() -> str:
+    """KEYS as a PAIRLOOP_API_KEYS value, their secrets written out."""
+    return json.dumps([k.model_dump() | {"key": k.key.get_secret_value()} for k in KEYS.values()])
 
 
 GatewayFactory = Callable[..., ServerThread]

@@ -270,7 +270,7 @@ def test_health_readiness_and_metrics_that_move(client: openai.OpenAI, gateway: 
     chat_route = {"route": "/v1/chat/completions"}
     assert moved("pairloop_requests_total", **chat_route, status="200") == 1
     assert moved("pairloop_requests_total", **chat_route, status=str(bad.status_code)) == 1
-    assert bad.status_code == 400 and moved("pairloop_errors_total", type="invalid_request_error") == 1
+    assert bad.status_code == 422 and moved("pairloop_errors_total", type="invalid_request_error") == 1
     assert moved("pairloop_request_seconds_count", **chat_route) == 2
     assert moved("pairloop_request_seconds_sum", **chat_route) > 0
     assert resp.usage is not None

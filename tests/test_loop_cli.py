@@ -43,7 +43,8 @@ def test_adapter_and_train_commands(valkey: EmbeddedRedis, tiny_model: Path, tmp
     with Session(engine) as session, session.begin():
         for i in range(16):  # the adapter wins every vote, shown first or second
             sides = (name, "pairloop-tiny") if i % 2 else ("pairloop-tiny", name)
-            save_event(session, event(record(adapters=sides), judge=f"j{i}", preference=str(sides.index(name))))
+            pair = record(f"Answer A {i}.", f"Answer B {i}.", adapters=sides)
+            save_event(session, event(pair, judge=f"j{i}", preference=str(sides.index(name))))
         waiting = backlog(session, TrainerSettings(data_dir=tmp_path, database_url=store))
     engine.dispose()
     r = cli("adapters", "list", "--json", **env)

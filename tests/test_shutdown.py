@@ -28,7 +28,7 @@ import redis
 from deploy.local.engine import EngineProcess
 from deploy.local.process import free_port
 from deploy.local.stack import APP_SHUTDOWN_S
-from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET, GatewayFactory
+from tests.gateway_helpers import KEYS, MODEL_NAME, SECRET, GatewayFactory, keys_json
 
 KEY = KEYS["full"].key.get_secret_value()
 
@@ -73,7 +73,7 @@ def gateway_process(
         "PAIRLOOP_REDIS_URL": redis_url,
         "PAIRLOOP_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
         "PAIRLOOP_SECRET": SECRET,
-        "PAIRLOOP_API_KEYS": json.dumps([k.model_dump() for k in KEYS.values()]),
+        "PAIRLOOP_API_KEYS": keys_json(),
         "PAIRLOOP_SERVED_MODEL_NAME": MODEL_NAME,
         "PAIRLOOP_SHUTDOWN_TIMEOUT_S": "2",
     }
