@@ -1,4 +1,5 @@
-"""Every `PAIRLOOP_*` variable any part reads, and the start-up check that names the ones nobody reads.
+"""Every `PAIRLOOP_*` variable any part reads, the start-up check that names the ones nobody reads, and the
+generated table of them all (docs/SETTINGS.md: `python -m deploy.settings > docs/SETTINGS.md`).
 
 pydantic-settings ignores environment variables it does not know, so a misspelled `PAIRLOOP_AB_MIN_VOTE`
 would silently leave the default in force. Every `pairloop` command checks the environment first and warns,
@@ -8,9 +9,13 @@ by name, with the closest known name.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
+from pydantic import BaseModel, SecretStr
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from feedback.settings import FeedbackSettings
@@ -20,6 +25,16 @@ from workers.settings import WorkerSettings
 
 SETTINGS: tuple[type[BaseSettings], ...] = (ServingSettings, FeedbackSettings, WorkerSettings, TrainerSettings)
 """Each part's settings (each extends `serving.settings.PairloopSettings`)."""
+
+READERS: dict[type[BaseSettings], str] = {
+    ServingSettings: "gateway",
+    FeedbackSettings: "feedback API",
+    WorkerSettings: "feedback worker",
+    TrainerSettings: "trainer",
+}
+"""Who reads each part's settings: the gateway (`pairloop up`, `pairloop gateway`), its feedback API, the workers
+that drain the feedback queue (`pairloop worker`), and the learning loop (the training worker, `pairloop cron`,
+the admin routes and `pairloop adapters`/`train`)."""
 
 TEST_PREFIX = ENV_PREFIX + "TEST_"
 """Read by the test suite only (tests/conftest.py), never by the service."""
@@ -50,6 +65,69 @@ def warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     """One line per unknown variable, for the operator."""
     return [
         f"warning: {name} is not a pairloop setting and is ignored"
-        + (f"; did you mean {close}?" if close else " (README.md, 'Configuration', lists them all)")
+        + (f"; did you mean {close}?" if close else " (docs/SETTINGS.md lists them all)")
         for name, close in unknown_variables(environ)
     ]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return "(secret)"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        value = list(value)
+    if value is None:
+        return "unset"
+    if isinstance(value, dict | list):
+        return f"`{json.dumps(value)}`"
+    return f"`{value}`"
+
+
+def _default(cls: type[BaseSettings], name: str) -> str:
+    info = cls.model_fields[name]
+    if info.default_factory is not None:
+        made = info.default_factory()  # type: ignore[call-arg]
+        return "`$XDG_DATA_HOME/pairloop` or `~/.local/share/pairloop`" if name == "data_dir" else _shown(made)
+    return "required" if info.default is PydanticUndefined else _shown(info.default)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def settings_doc() -> str:
+    """docs/SETTINGS.md: every variable, its default, the parts that read it and what it does."""
+    rows: dict[str, tuple[str, list[str], str]] = {}
+    for cls in SETTINGS:
+        for name, info in cls.model_fields.items():
+            variable = f"{ENV_PREFIX}{name.upper()}"
+            default, readers, text = rows.get(variable, (_default(cls, name), [], info.description or ""))
+            rows[variable] = (default, [*readers, READERS[cls]], text)
+    defaults = TrainConfig()
+    for name, text in TrainConfig.help().items():
+        rows[f"{ENV_PREFIX}TRAIN__{name.upper()}"] = (_shown(getattr(defaults, name)), ["trainer"], text)
+    lines = [
+        "# Settings",
+        "",
+        "Every variable a pairloop part reads, generated from the code (`python -m deploy.settings >",
+        "docs/SETTINGS.md`; `tests/test_docs.py` fails when this file and the code differ). *Read by*: `gateway`",
+        "(`pairloop up`, `pairloop gateway`), `feedback API` (the gateway's /v1/feedback), `feedback worker`",
+        "(`pairloop worker`), `trainer` (the training worker, `pairloop cron`, the admin routes, `pairloop adapters`",
+        "and `pairloop train`). A variable every part reads sets the data dir, the store, Redis, the model and the",
+        "adapter store alike for all of them. `(secret)`: a value never shown in a log or a repr.",
+        "",
+        "| variable | default | read by | meaning |",
+        "|---|---|---|---|",
+    ]
+    for variable in sorted(rows, key=lambda v: (v.startswith(f"{ENV_PREFIX}TRAIN__"), v)):
+        default, readers, text = rows[variable]
+        everyone = len(readers) == len(SETTINGS)
+        lines.append(
+            f"| `{variable}` | {_cell(default)} | {'every part' if everyone else ', '.join(readers)} | {_cell(text)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_doc(), end="")
