@@ -4,6 +4,8 @@ fails leaves the champion serving; the cron check and `POST /admin/train` start 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
 from feedback.store import save_event
 from serving.adapters.routing import ROUTING_KEY
+from tests.cli_helpers import cli
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
 from tests.gateway_helpers import LEARNING_ENV, MODEL_NAME, GatewayFactory
 from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends
@@ -78,17 +81,17 @@ def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
     drain(redis_url, loop_env)
     wait_for_backends(redis_url)  # the worker swaps through the backends the gateway lists
 
-    result = loop.train_round("manual")
+    # `pairloop train --now`: the round in the command's own process, as an operator runs it
+    env = {k: v for k, v in os.environ.items() if k.startswith("PAIRLOOP_")} | {"PAIRLOOP_REDIS_URL": redis_url}
+    r = cli("train", "--now", **env)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
 
     assert result["status"] == "promoted", result
     name = result["adapter"]
     assert statuses(loop_env) == {name: "champion"}
     # the gateway follows the routing record within its poll interval (0.1 s)
-    deadline = time.monotonic() + 5
-    served: list[str] = []
-    while time.monotonic() < deadline and served != [name, name]:
-        served = [c["adapter"] for c in chat_pair(gw.url, max_tokens=8)["pairloop"]["choices"]]
-    assert served == [name, name]
+    assert served_within(gw.url, [name, name])
     listing = admin(gw.url, "GET", "/admin/train").json()
     rounds = listing["rounds"]
     assert rounds[0]["status"] == "promoted" and rounds[0]["decision"]["passed"] is True
@@ -97,6 +100,23 @@ def test_a_round_from_stored_feedback_is_promoted_and_serves_the_next_request(
 
     # nothing new since: the cron check does not start another round
     assert loop.check()["new_examples"] == 0
+
+    # `pairloop adapters rollback` and `promote`, through the backends the gateway listed
+    r = cli("adapters", "rollback", **env)
+    assert r.returncode == 0, r.stderr
+    assert served_within(gw.url, [MODEL_NAME, MODEL_NAME])
+    r = cli("adapters", "promote", name, **env)
+    assert r.returncode == 0, r.stderr
+    assert served_within(gw.url, [name, name]) and statuses(loop_env) == {name: "champion"}
+
+
+def served_within(gw: str, adapters: list[str], timeout_s: float = 5.0) -> bool:
+    """Whether the gateway serves a pair from `adapters` within `timeout_s` (it polls the record every 0.1 s)."""
+    deadline = time.monotonic() + timeout_s
+    served: list[str] = []
+    while time.monotonic() < deadline and served != adapters:
+        served = [c["adapter"] for c in chat_pair(gw, max_tokens=8)["pairloop"]["choices"]]
+    return served == adapters
 
 
 def test_a_failed_round_leaves_the_champion_serving(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -14,6 +16,7 @@ from deploy.local.redis_server import EmbeddedRedis
 from deploy.migrations import upgrade
 from feedback.store import save_event
 from tests.cli_helpers import cli
+from tests.gateway_helpers import ServerThread
 from tests.loop_helpers import make_adapter
 from tests.store_helpers import event, record
 from trainer.data import backlog
@@ -78,3 +81,24 @@ def test_adapter_and_train_commands(valkey: EmbeddedRedis, tiny_model: Path, tmp
 
     r = cli("adapters", "list", **{**env, "PAIRLOOP_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert r.returncode == 1 and "cannot reach Redis" in r.stderr
+
+
+def test_health_exits_0_on_200_and_1_otherwise() -> None:
+    """`pairloop health`, the image's HEALTHCHECK: its default target is this host's gateway at $PAIRLOOP_PORT."""
+    app = FastAPI()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/sick")
+    async def sick() -> JSONResponse:
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    with ServerThread(app) as server:
+        assert cli("health", PAIRLOOP_PORT=str(server.port)).returncode == 0
+        assert cli("health", f"{server.url}/healthz").returncode == 0
+        r = cli("health", f"{server.url}/sick")
+        assert r.returncode == 1 and "HTTP 503" in r.stderr
+    r = cli("health", f"{server.url}/healthz", "--timeout-s", "1")
+    assert r.returncode == 1 and "ConnectError" in r.stderr and "Traceback" not in r.stderr

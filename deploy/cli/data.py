@@ -30,11 +30,12 @@ def queue_status(
     import redis
 
     from feedback.queue import status
+    from serving import redis_client
 
     settings = worker_settings(data_dir)
     url = redis_url(settings)
     try:
-        counts = status(redis.Redis.from_url(url, socket_connect_timeout=5), settings).as_dict()
+        counts = status(redis_client.connect_sync(url), settings).as_dict()
     except redis.RedisError as exc:
         fail(f"cannot read the queue: {exc}")
     if as_json:
@@ -51,11 +52,12 @@ def queue_retry_failed(
     import redis
 
     from feedback.queue import retry_failed
+    from serving import redis_client
 
     settings = worker_settings(data_dir)
     url = redis_url(settings)
     try:
-        count = retry_failed(redis.Redis.from_url(url, socket_connect_timeout=5), settings)
+        count = retry_failed(redis_client.connect_sync(url), settings)
     except redis.RedisError as exc:
         fail(f"cannot reach the queue: {exc}")
     typer.echo(f"requeued {count} failed jobs")

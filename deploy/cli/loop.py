@@ -69,6 +69,7 @@ def train(
     """Start a training round by hand: queued for the training worker, or with --now run here."""
     import redis
 
+    from serving import redis_client
     from trainer import loop
     from trainer.errors import RoundBusy
     from trainer.queue import enqueue_round
@@ -81,7 +82,7 @@ def train(
             setup_logging()
             typer.echo(json.dumps(loop.train_round("manual"), default=str))
         else:
-            job = enqueue_round(redis.Redis.from_url(url, socket_connect_timeout=5), settings, "manual")
+            job = enqueue_round(redis_client.connect_sync(url), settings, "manual")
             typer.echo(json.dumps({"job": job.id, "queue": settings.training_queue}))
     except RoundBusy as exc:
         fail(exc.message)
