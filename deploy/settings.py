@@ -19,7 +19,7 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from feedback.settings import FeedbackSettings
-from serving.settings import ENV_PREFIX, ServingSettings
+from serving.settings import ENV_PREFIX, PLACEHOLDER, ServingSettings
 from trainer.settings import TrainConfig, TrainerSettings
 from workers.settings import WorkerSettings
 
@@ -59,6 +59,14 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[st
         close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
         out.append((name, close[0] if close else None))
     return out
+
+
+def example_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The `PAIRLOOP_*` variables in `environ` that still hold one of deploy/'s example values (`replace-me…`):
+    every command refuses to start with one, whichever settings it reads (the settings' own check covers the
+    fields a part reads; this one covers a process that reads none of them)."""
+    env = os.environ if environ is None else environ
+    return sorted(name for name, value in env.items() if name.startswith(ENV_PREFIX) and PLACEHOLDER in value)
 
 
 def warnings(environ: Mapping[str, str] | None = None) -> list[str]:

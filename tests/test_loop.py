@@ -150,7 +150,12 @@ def test_a_failed_round_leaves_the_champion_serving(
 
 
 def test_the_check_and_the_admin_api_start_one_round_at_a_time(
-    make_gateway: GatewayFactory, engine: EngineProcess, loop_env: str, redis_url: str, rdb: redis.Redis
+    make_gateway: GatewayFactory,
+    engine: EngineProcess,
+    loop_env: str,
+    redis_url: str,
+    rdb: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gw = make_gateway([engine.url], feedback={"database_url": loop_env})
     assert loop.check() == {"new_examples": 0}
@@ -167,6 +172,8 @@ def test_the_check_and_the_admin_api_start_one_round_at_a_time(
     assert r.status_code == 202 and r.json()["status"] == "queued"
     assert rdb.llen("rq:queue:pairloop-training") == 1
     rdb.set(LOCK_KEY, "another-round", ex=60)
+    # a round waits out a lock as long as a dead worker's could last (LOCK_TTL_S + 5 s); here 1 + 5 s
+    monkeypatch.setattr(loop, "LOCK_TTL_S", 1)
     with pytest.raises(RoundBusy):
         loop.train_round("manual")
 
@@ -179,6 +186,7 @@ def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     redis_url: str,
+    rdb: redis.Redis,
 ) -> None:
     gw = make_gateway([engine.url], feedback={"database_url": loop_env})
     name = make_adapter(tiny_model, loop_env, tmp_path, 1, seed=5)
@@ -191,6 +199,18 @@ def test_a_round_that_passes_becomes_the_challenger_when_ab_is_on(
     while served != {MODEL_NAME, name}:
         assert time.monotonic() < deadline, served
         served = {c["adapter"] for c in chat_pair(gw.url, max_tokens=8)["pairloop"]["choices"]}
+
+    # while it is on trial the check starts no round, however many new examples wait: the next round's parent is
+    # whoever wins the trial
+    engine = create_engine(loop_env)
+    with Session(engine) as session, session.begin():
+        for i in range(12):
+            pair = record(f"Short {i}.", f"A longer answer {i}.")
+            save_event(session, event(pair, judge=f"j{i % 8}", preference="0"))
+    engine.dispose()
+    out = loop.check()
+    assert out["round"] == "waiting for the A/B test" and out["ab"]["decision"] == "wait", out
+    assert rdb.llen("rq:queue:pairloop-training") == 0
 
 
 def test_a_round_over_its_budget_stops_and_leaves_the_champion(

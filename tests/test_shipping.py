@@ -36,6 +36,7 @@ from deploy.local.redis_server import DURABILITY, server_binary
 from deploy.settings import known_variables
 from serving.settings import PLACEHOLDER, ServingSettings
 from tests import compose_file
+from tests.cli_helpers import cli
 from tests.parts import missing
 from trainer.settings import TrainConfig, TrainerSettings
 from workers.settings import WorkerSettings
@@ -607,3 +608,47 @@ def test_the_cluster_test_runs_every_pairloop_service_of_the_compose_file() -> N
     for name in COMPOSE_HOSTS:
         command, _ = compose_service(name)  # no variable names another host outside the cluster's WIRING
         parse(command)
+
+
+@pytest.mark.slow
+def test_every_compose_process_refuses_the_example_secrets(tmp_path: Path) -> None:
+    """Each pairloop command of deploy/compose.yaml, run with its environment as the example env file leaves it,
+    stops at once with the variable's name, before it serves or stores anything."""
+    for name, service in compose_file.pairloop_services(compose()).items():
+        args = [a.replace("/models/tiny", str(tmp_path / "tiny")) for a in service["command"]]
+        env = compose_file.environment(service) | {"PAIRLOOP_DATA_DIR": str(tmp_path / name)}
+        assert any(PLACEHOLDER in value for key, value in env.items() if key.startswith("PAIRLOOP_")), name
+        r = cli(*args, **env)
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", r.stderr).split())  # typer's box around a usage error, unwrapped
+        assert r.returncode != 0 and "still holds an example value" in said, (name, r.returncode, said[-600:])
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The namespace enforces `restricted` (deploy/k8s/base/namespace.yaml): a pod that breaks it would be refused
+    at apply time. The standard's controls, checked on every pod of every overlay."""
+    for overlay, docs in rendered.items():
+        namespaces = [d for d in docs if d["kind"] == "Namespace"]
+        assert namespaces and all(
+            n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted" for n in namespaces
+        )
+        for doc in workloads(docs):
+            where = f"{overlay} {doc['kind']}/{doc['metadata']['name']}"
+            pod = pod_spec(doc)
+            pod_context = pod.get("securityContext") or {}
+            assert not (pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC")), where
+            assert not any("hostPath" in v for v in pod.get("volumes") or []), where
+            for c in [*pod.get("initContainers", []), *pod["containers"]]:
+                context = c.get("securityContext") or {}
+                merged = pod_context | context  # a container's own setting wins over its pod's
+                name = f"{where} container {c['name']}"
+                assert merged.get("runAsNonRoot") is True, name
+                assert merged.get("runAsUser") != 0, name
+                if (overlay, c["name"]) != ("trial", "postgres"):  # docs/DEPLOY.md names the one exception
+                    assert context.get("readOnlyRootFilesystem") is True, name
+                assert context.get("allowPrivilegeEscalation") is False, name
+                assert not context.get("privileged"), name
+                assert context.get("capabilities", {}).get("drop") == ["ALL"], name
+                assert set(context.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, name
+                seccomp = (merged.get("seccompProfile") or {}).get("type")
+                assert seccomp in ("RuntimeDefault", "Localhost"), name
+                assert not any(p.get("hostPort") for p in c.get("ports", [])), name

@@ -14,14 +14,22 @@ import typer
 
 from deploy import settings
 from deploy.cli import data, hosts, loop, service, simulate
+from serving.settings import PLACEHOLDER
 
 
 def _check_environment() -> None:
-    """Before any command: files it makes are its owner's only (the umask), and the `PAIRLOOP_*` variables no part
-    reads are named (a typo keeps a default in force)."""
+    """Before any command: files it makes are its owner's only (the umask), the `PAIRLOOP_*` variables no part
+    reads are named (a typo keeps a default in force), and one that still holds an example value of deploy/ stops
+    the command."""
     os.umask(0o077)
     for line in settings.warnings():
         typer.echo(line, err=True)
+    for name in settings.example_values():
+        typer.echo(
+            f"{name} still holds an example value ('{PLACEHOLDER}…'): set a real one (docs/DEPLOY.md, 'Secrets')",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 app = typer.Typer(
