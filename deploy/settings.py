@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, SecretStr
-from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from feedback.settings import FeedbackSettings
@@ -97,7 +96,7 @@ def _default(cls: type[BaseSettings], name: str) -> str:
     if info.default_factory is not None:
         made = info.default_factory()  # type: ignore[call-arg]
         return "`$XDG_DATA_HOME/pairloop` or `~/.local/share/pairloop`" if name == "data_dir" else _shown(made)
-    return "required" if info.default is PydanticUndefined else _shown(info.default)
+    return "required" if info.is_required() else _shown(info.default)
 
 
 def _cell(text: str) -> str:

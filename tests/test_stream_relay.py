@@ -56,7 +56,9 @@ def slow_upstream() -> FastAPI:
     return app
 
 
-def test_both_answers_stream_interleaved_as_upstream_sends_them(redis_url: str, tmp_path: Path) -> None:
+def test_both_answers_stream_interleaved_as_upstream_sends_them(
+    redis_url: str, tmp_path: Path, base_routing: None
+) -> None:
     with ServerThread(slow_upstream()) as upstream:
         settings = settings_for(redis_url, [upstream.url], tmp_path)
         with ServerThread(build_app(settings, feedback_settings(tmp_path))) as gw:
