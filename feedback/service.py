@@ -1,10 +1,13 @@
 """The feedback service: checks an event against what was served, then queues it durably.
 
-Order of the checks, each with its own answer: the completion must exist (404) and be within its TTL
-(410); the token must be genuine and made for this completion and this key (403); the choice must exist
-(422); the judge's buckets must have room (429). Then one Redis transaction claims the `feedback_id` and
-the judge's slot on this completion and enqueues the event (`feedback.queue`); a taken claim is either a
-retry of the same event (the first answer again) or a conflict (409). Nothing is written for a refusal.
+Order of the checks, each with its own answer (`FeedbackService.accept`): the event's own limits (edits
+allowed, their size and the comment's: 422); room in Redis (503 above PAIRLOOP_REDIS_FEEDBACK_LIMIT); the
+completion must exist (404) and be within its feedback window (410); the token must be genuine and made for this
+completion and this key (403), and a `user` must be the one it was served to (403); the choice must exist (422);
+the key's and the judge's buckets must have room (429). Then one Redis transaction claims the `feedback_id` and
+the judge's slot on this completion, keeps the record and enqueues the event (`feedback.queue`); a taken claim
+is either a retry of the same event (the first answer again) or a conflict (409), and a record that expired in
+the meantime is a 410. Nothing is written for a refusal.
 """
 
 from __future__ import annotations

@@ -101,7 +101,6 @@ class BackendPool:
         self._retry_after_s = retry_after_s
         self._rr = itertools.count()
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -129,7 +128,6 @@ class BackendPool:
             if url not in known:
                 log.warning("discovery: new vLLM backend %s (from %s)", url, entry)
                 self.backends.append(Backend(url, source=entry))
-                self._changed.set()
         for b in self.backends:
             if is_discovered(b.source) and b.url not in found and not b.draining:
                 log.warning("discovery: vLLM backend %s is gone; draining it", b.url)
@@ -161,7 +159,6 @@ class BackendPool:
             log.warning("vLLM backend %s is %s", backend.url, "up" if healthy else "DOWN")
             backend.healthy = healthy
             backend.ready = False  # back up: the follower loads and probes the served adapters first
-            self._changed.set()
 
     async def probe_all(self) -> None:
         loop = asyncio.get_running_loop()
@@ -174,7 +171,6 @@ class BackendPool:
         if not backend.ready:
             log.info("vLLM backend %s takes requests", backend.url)
         backend.ready = True
-        self._changed.set()
 
     async def _loop(self) -> None:
         while True:
@@ -186,19 +182,6 @@ class BackendPool:
 
     async def stop(self) -> None:
         await tasks.stop(self._task)
-
-    async def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until some backend is healthy (True), or `timeout_s` passes (False)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not self.ready:
-            self._changed.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-        return True
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         if backend.healthy:

@@ -40,11 +40,6 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] = Field(max_length=MAX_CONTENT_CHARS)
     name: Printable | None = Field(None, max_length=64)
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")

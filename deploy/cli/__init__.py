@@ -1,9 +1,10 @@
 """The `pairloop` command: each sub-module registers its commands here, explicitly.
 
-service.py   up, worker, model build-tiny      the processes of a deployment
-data.py      queue, db, export                 the feedback queue and the preference store
-loop.py      train, cron, adapters             the learning loop
-simulate.py  simulate                          simulated users that prove the loop learns
+service.py   up, worker, model build-tiny          the processes of a deployment on one machine
+hosts.py     gateway, vllm, adapter-sync, health   the parts on hosts of their own, and their health check
+data.py      queue, db, export                     the feedback queue and the preference store
+loop.py      train, cron, adapters                 the learning loop
+simulate.py  simulate                              simulated users that prove the loop learns
 """
 
 from __future__ import annotations

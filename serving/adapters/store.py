@@ -15,7 +15,7 @@ every hash and size, and only then renames the directory to its final name, so a
 given a half-copied or corrupted adapter.
 
 With no store configured (the embedded default) nothing is published: the trainer and vLLM share the data
-dir, and adapters are loaded from there as before.
+dir, and vLLM loads adapters from there.
 """
 
 from __future__ import annotations
