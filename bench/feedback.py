@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gateway import start_gateway  # noqa: E402
 from deploy.local.process import free_port  # noqa: E402
+from tests.feedback_helpers import seed_completions  # noqa: E402
 
 ECHO_APP = """
 from fastapi import FastAPI, Request
@@ -47,49 +48,18 @@ NO_LIMIT = json.dumps({"per_s": 0, "burst": 1})
 
 
 def seed(redis_url: str, secret: str, n: int) -> list[dict[str, Any]]:
-    """`n` completion records as the gateway writes them, and a pairwise vote body for each."""
-    import redis
-
-    from serving import records, tokens
-    from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
-
-    client = redis.Redis.from_url(redis_url)
-    now = time.time()
-    bodies = []
-    with client.pipeline(transaction=False) as pipe:
-        for i in range(n):
-            cid = f"chatcmpl-bench{uuid.uuid4().hex}"
-            rec = CompletionRecord(
-                id=cid,
-                model="pairloop-tiny",
-                messages=[{"role": "user", "content": "Tell me about tea."}],
-                sampling=SamplingParams(n=2, temperature=1.0, max_tokens=48),
-                choices=[
-                    ServedChoice(index=0, text=f"Hello! Tea is warm. ({i})", finish_reason="stop", adapter="base"),
-                    ServedChoice(index=1, text=f"Okay. Tea is a drink. ({i})", finish_reason="stop", adapter="base"),
-                ],
-                key_id="dev",
-                user=f"user-{i % 50}",
-                stream=False,
-                created_at=now,
-                finished_at=now,
-                expires_at=now + 86400,
-            )
-            pipe.set(records.record_key(cid), rec.model_dump_json(), ex=86400)
-            bodies.append(
-                {
-                    "completion_id": cid,
-                    "feedback_token": tokens.issue(secret.encode(), cid, "dev", int(now + 86400)),
-                    "feedback_id": str(uuid.uuid4()),
-                    "kind": "pairwise",
-                    "preference": i % 2,
-                }
-            )
-            if i % 1000 == 999:
-                pipe.execute()
-        pipe.execute()
-    client.close()
-    return bodies
+    """`n` completion records as the gateway writes them (the tests' helper), and a pairwise vote body for each."""
+    served = seed_completions(redis_url, n, key_id="dev", users=50, secret=secret, ttl_s=86400)
+    return [
+        {
+            "completion_id": c["id"],
+            "feedback_token": c["pairloop"]["feedback_token"],
+            "feedback_id": str(uuid.uuid4()),
+            "kind": "pairwise",
+            "preference": i % 2,
+        }
+        for i, c in enumerate(served)
+    ]
 
 
 async def load(url: str, key: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:

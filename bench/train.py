@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.pairs import pick_model  # noqa: E402
 from trainer.data import RoundData  # noqa: E402
-from trainer.round import load_model, run_round, train  # noqa: E402
+from trainer.round import load_model, lora_config, run_round, train  # noqa: E402
 from trainer.settings import TrainConfig, TrainerSettings  # noqa: E402
 from trainer.tiny import corpus  # noqa: E402
 
@@ -55,21 +55,14 @@ def plain_trl(model_dir: str, rows: list[dict[str, Any]], config: TrainConfig, o
     """(train seconds, steps) of the textbook TRL script."""
     import datasets
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_targets),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(config))
     data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     args = DPOConfig(
         output_dir=str(out),

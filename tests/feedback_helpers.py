@@ -122,9 +122,19 @@ def count_feedback(store_url: str) -> int:
         return int(db.scalar(select(func.count()).select_from(Feedback)) or 0)
 
 
-def seed_completions(redis_url: str, n: int, *, key_id: str = "full", user: str | None = None) -> list[dict[str, Any]]:
+def seed_completions(
+    redis_url: str,
+    n: int,
+    *,
+    key_id: str = "full",
+    user: str | None = None,
+    users: int = 0,
+    secret: str = SECRET,
+    ttl_s: int = 3600,
+) -> list[dict[str, Any]]:
     """`n` served-completion records written straight into Redis, as the gateway records them, with their
-    feedback tokens: for tests that need many completions faster than vLLM can serve them."""
+    feedback tokens (signed with `secret`): for tests and benches that need many completions faster than vLLM can
+    serve them. Served to `user`, or with `users` to `user-0` … `user-<users - 1>` in turn."""
     client = redis.Redis.from_url(redis_url)
     now = time.time()
     out = []
@@ -141,15 +151,17 @@ def seed_completions(redis_url: str, n: int, *, key_id: str = "full", user: str 
                     ServedChoice(index=1, text=f"Answer B{i}.", finish_reason="stop", adapter=MODEL_NAME),
                 ],
                 key_id=key_id,
-                user=user,
+                user=f"user-{i % users}" if users else user,
                 stream=False,
                 created_at=now,
                 finished_at=now,
-                expires_at=now + 3600,
+                expires_at=now + ttl_s,
             )
-            pipe.set(records.record_key(cid), record.model_dump_json(), ex=3600)
-            token = tokens.issue(SECRET.encode(), cid, key_id, int(now + 3600))
+            pipe.set(records.record_key(cid), record.model_dump_json(), ex=ttl_s)
+            token = tokens.issue(secret.encode(), cid, key_id, int(now + ttl_s))
             out.append({"id": cid, "pairloop": {"feedback_token": token}})
+            if i % 1000 == 999:
+                pipe.execute()
         pipe.execute()
     client.close()
     return out

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 from trainer.data import RoundData, Row
 from trainer.errors import RoundFailed, RoundOverBudget
 from trainer.registry import adapter_name
-from trainer.settings import TrainerSettings
+from trainer.settings import TrainConfig, TrainerSettings
 
 if TYPE_CHECKING:
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,23 @@ def limit_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def lora_config(config: TrainConfig) -> LoraConfig:
+    """A round's fresh LoRA weights, as `config` shapes them."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_model(base: str, parent: Path | None, settings: TrainerSettings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model with a trainable adapter: the champion's (a copy of it) or a fresh one."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = settings.train
@@ -125,14 +138,7 @@ def load_model(base: str, parent: Path | None, settings: TrainerSettings) -> tup
         peft_model.load_adapter(str(parent), adapter_name=CHAMPION, is_trainable=False)
         peft_model.set_adapter(CANDIDATE)
     else:
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_targets),
-            task_type="CAUSAL_LM",
-        )
-        peft_model = get_peft_model(model, lora, adapter_name=CANDIDATE)
+        peft_model = get_peft_model(model, lora_config(config), adapter_name=CANDIDATE)
     return peft_model, tokenizer
 
 
