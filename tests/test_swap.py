@@ -108,7 +108,11 @@ def test_promotion_under_16_streams_fails_nothing_then_rollback(
     assert in_flight >= 16, f"only {in_flight} streams were still running when the promotion started"
     adapters = [check_stream(r) for r in results]  # 0 failed, 0 truncated
     assert all(a == [v1, v1] for a in adapters), "a stream changed adapter mid-flight"
-    assert swap_to_served_s < 60.0  # measured in bench/swap.py; this only guards against a hang
+    # The swap does not wait for the old version's streams: the new one served while most of them still ran.
+    still_running = sum(r["ended"] > started + swap_to_served_s for r in results)
+    print(f"promote + first answer from v2: {swap_to_served_s:.2f} s; {still_running} of 20 old streams still running")
+    assert still_running >= 8, f"only {still_running} streams outlived the swap ({swap_to_served_s:.1f} s)"
+    assert swap_to_served_s < 5.0  # bench/swap.py measures the swap alone: tens of ms
 
     # v1 drained: unloaded from vLLM; the registry says who is who
     deadline = time.monotonic() + 10
