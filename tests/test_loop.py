@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
+from deploy.simulate.preferences import Preference
 from feedback.store import save_event
 from serving.adapters.routing import ROUTING_KEY
 from tests.cli_helpers import cli
@@ -51,6 +52,52 @@ def loop_env(
     loop.configure(redis_url)
     yield store
     clear_routing(redis_url)
+
+
+def test_a_round_with_the_service_defaults_passes_its_gate(
+    make_gateway: GatewayFactory,
+    engine: EngineProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_model: Path,
+    redis_url: str,
+    rdb: redis.Redis,
+    base_routing: None,
+) -> None:
+    """No setting lowered (the other tests' LEARNING_ENV raises the learning rate and lifts the length bound): the
+    cron check's threshold, the learning rate, the epochs and the gate as shipped, on 100 votes of a judge who
+    prefers polite answers (deploy/simulate's). The candidate passes the gate and becomes the challenger (the
+    default A/B share is 0.5). Seeded chats and a content-hashed split make the run the same every time."""
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(store)
+    for key, value in {"PAIRLOOP_DATA_DIR": str(tmp_path), "PAIRLOOP_DATABASE_URL": store}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PAIRLOOP_MODEL", str(tiny_model))
+    loop.configure(redis_url)
+    gw = make_gateway([engine.url], feedback={"database_url": store})
+    judge, sent = Preference("polite"), 0
+    for i in range(600):
+        data = chat(gw.url, user=f"judge-{i % 20}", max_tokens=48, seed=i)
+        verdict = judge.compare(*(c["message"]["content"] for c in data["choices"]))
+        if verdict:
+            body = vote(data, preference=0 if verdict > 0 else 1, user=f"judge-{i % 20}")
+            assert send(gw.url, body).status_code == 202
+            sent += 1
+        if sent == 100:
+            break
+    drain(redis_url, store)
+    wait_for_backends(redis_url)
+    defaults = TrainerSettings()
+    out = loop.check()
+    assert out["new_examples"] >= defaults.min_new_examples and "round" in out, out  # the check starts one
+    rdb.delete("rq:queue:pairloop-training")  # run here instead, to read its result
+
+    result = loop.train_round("manual")
+
+    assert result["status"] == "challenger" and result["gate"]["passed"], result
+    gate = result["gate"]
+    assert gate["candidate"]["accuracy"] > defaults.gate_min_accuracy, gate
+    assert 1 / defaults.gate_max_length_ratio <= gate["length_ratio"] <= defaults.gate_max_length_ratio, gate
 
 
 def collect_votes(gw: str, pairs: int, first_seed: int = 0) -> int:
