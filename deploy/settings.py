@@ -17,21 +17,30 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings
 
+from deploy.local.settings import LocalSettings
 from feedback.settings import FeedbackSettings
 from serving.settings import ENV_PREFIX, PLACEHOLDER, ServingSettings
 from trainer.settings import TrainConfig, TrainerSettings
 from workers.settings import WorkerSettings
 
-SETTINGS: tuple[type[BaseSettings], ...] = (ServingSettings, FeedbackSettings, WorkerSettings, TrainerSettings)
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    ServingSettings,
+    LocalSettings,
+    FeedbackSettings,
+    WorkerSettings,
+    TrainerSettings,
+)
 """Each part's settings (each extends `serving.settings.PairloopSettings`)."""
 
 READERS: dict[type[BaseSettings], str] = {
     ServingSettings: "gateway",
+    LocalSettings: "launcher",
     FeedbackSettings: "feedback API",
     WorkerSettings: "feedback worker",
     TrainerSettings: "trainer",
 }
-"""Who reads each part's settings: the gateway (`pairloop up`, `pairloop gateway`), its feedback API, the workers
+"""Who reads each part's settings: the gateway (its app), the launcher (`pairloop up`, `pairloop vllm` and `pairloop
+gateway`: the processes they start and how they stop them), the gateway's feedback API, the workers
 that drain the feedback queue (`pairloop worker`), and the learning loop (the training worker, `pairloop cron`,
 the admin routes and `pairloop adapters`/`train`)."""
 
@@ -119,7 +128,8 @@ def settings_doc() -> str:
         "",
         "Every variable a pairloop part reads, generated from the code (`python -m deploy.settings >",
         "docs/SETTINGS.md`; `tests/test_docs.py` fails when this file and the code differ). *Read by*: `gateway`",
-        "(`pairloop up`, `pairloop gateway`), `feedback API` (the gateway's /v1/feedback), `feedback worker`",
+        "(the gateway's app), `launcher` (`pairloop up`, `pairloop vllm`, `pairloop gateway`: the processes they",
+        "start and how they stop), `feedback API` (the gateway's /v1/feedback), `feedback worker`",
         "(`pairloop worker`), `trainer` (the training worker, `pairloop cron`, the admin routes, `pairloop adapters`",
         "and `pairloop train`). A variable every part reads sets the data dir, the store, Redis, the model and the",
         "adapter store alike for all of them. `(secret)`: a value never shown in a log or a repr.",

@@ -33,6 +33,7 @@ from deploy.cli import app as cli_app
 from deploy.local.engine import HEALTH_PATH, EngineProcess, engine_config
 from deploy.local.process import free_port
 from deploy.local.redis_server import DURABILITY, server_binary
+from deploy.local.settings import LocalSettings
 from deploy.settings import known_variables
 from serving.settings import PLACEHOLDER, ServingSettings
 from tests import compose_file
@@ -220,9 +221,9 @@ def settings_from(cls: type[S], env: dict[str, str], monkeypatch: pytest.MonkeyP
 def settings_for(role: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Build the settings a pairloop role reads from exactly `env`."""
     classes: dict[str, tuple[type[BaseSettings], ...]] = {
-        "gateway": (ServingSettings,),
-        "vllm": (ServingSettings,),
-        "up": (ServingSettings,),
+        "gateway": (LocalSettings,),
+        "vllm": (LocalSettings,),
+        "up": (LocalSettings,),
         "worker": (WorkerSettings, TrainerSettings),
     }
     for cls in classes.get(role, (TrainerSettings,)):
@@ -388,7 +389,7 @@ def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
         assert mounts[directory] == sync_mounts[directory], "vLLM loads from the directory its sidecar fills"
         # The engine pairloop vllm starts from this container's settings.
         env = filled(container_env(docs, vllm))
-        settings = settings_from(ServingSettings, env, monkeypatch)
+        settings = settings_from(LocalSettings, env, monkeypatch)
         engine = EngineProcess(engine_config(settings, env["PAIRLOOP_MODEL"], "pairloop-tiny", port=port))
         cmd = engine.command()
         assert "--enable-lora" in cmd
@@ -415,7 +416,7 @@ def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
     )
     for name, engine_service in engines.items():
         env = filled(compose_file.environment(engine_service))
-        engine = EngineProcess(engine_config(settings_from(ServingSettings, env, monkeypatch), "/m", "m", port=1))
+        engine = EngineProcess(engine_config(settings_from(LocalSettings, env, monkeypatch), "/m", "m", port=1))
         assert int(option(engine.command(), "--max-lora-rank")) >= trainer_rank
         url = f"http://{name}:{option(engine_service['command'], '--port')}"
         for urls in gateway_urls.values():
@@ -435,7 +436,7 @@ def test_each_compose_vllm_server_can_have_cores_of_its_own(monkeypatch: pytest.
     for given, data in (("set", compose_file.load(variables)), ("unset", compose())):
         for name in ("vllm-1", "vllm-2"):
             env = filled(compose_file.environment(data["services"][name]))
-            engine = EngineProcess(engine_config(settings_from(ServingSettings, env, monkeypatch), "/m", "m", port=1))
+            engine = EngineProcess(engine_config(settings_from(LocalSettings, env, monkeypatch), "/m", "m", port=1))
             with monkeypatch.context() as m:
                 m.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
                 bound[given, name] = engine.environment().get("VLLM_CPU_OMP_THREADS_BIND", "vLLM's auto")
@@ -447,7 +448,7 @@ def test_each_compose_vllm_server_can_have_cores_of_its_own(monkeypatch: pytest.
     }
     for bad in ("0-", "all", "0;rm -rf /", "1|2"):
         with pytest.raises(ValueError, match="vllm_cpu_cores"):
-            settings_from(ServingSettings, {"PAIRLOOP_VLLM_CPU_CORES": bad}, monkeypatch)
+            settings_from(LocalSettings, {"PAIRLOOP_VLLM_CPU_CORES": bad}, monkeypatch)
 
 
 def test_cpu_overlay_gives_each_vllm_pod_cores_of_its_own(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -486,7 +487,7 @@ def test_a_shared_gpu_leaves_the_trainer_room(monkeypatch: pytest.MonkeyPatch) -
     import deploy.local.engine as engine_module
 
     monkeypatch.setattr(engine_module, "is_cpu_engine", lambda: False)
-    settings = ServingSettings()
+    settings = LocalSettings()
     assert settings.vllm_gpu_memory_utilization == 0.5
     cmd = EngineProcess(engine_config(settings, "/m", "m")).command()
     assert option(cmd, "--gpu-memory-utilization") == "0.5"

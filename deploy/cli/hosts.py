@@ -19,7 +19,7 @@ import typer
 from pydantic import ValidationError
 
 from deploy.cli.options import explain, fail, setup_logging
-from serving.settings import ServingSettings
+from deploy.local.settings import LocalSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -29,9 +29,9 @@ def register(app: typer.Typer) -> None:
     app.command()(health)
 
 
-def _serving_settings(**overrides: object) -> ServingSettings:
+def _serving_settings(**overrides: object) -> LocalSettings:
     try:
-        return ServingSettings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        return LocalSettings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(explain(exc)) from None
 

@@ -38,14 +38,14 @@ def up(
     Ctrl-C stops them all."""
     from deploy.local import stack
     from deploy.local.models import ModelUnavailable
-    from serving.settings import ServingSettings
+    from deploy.local.settings import LocalSettings
 
     setup_logging()
     overrides = {
         k: v for k, v in {"port": port, "host": host, "data_dir": data_dir, "model": model}.items() if v is not None
     }
     try:
-        settings = ServingSettings(**overrides)  # type: ignore[arg-type]
+        settings = LocalSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(explain(exc)) from None
     try:

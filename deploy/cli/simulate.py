@@ -83,10 +83,10 @@ def simulate(
     out = out or base / "simulations" / time.strftime("%Y%m%d-%H%M%S")
     model_dir = None
     if not url:
+        from deploy.local.settings import LocalSettings
         from deploy.local.stack import resolve_model
-        from serving.settings import ServingSettings
 
-        model_dir, _ = resolve_model(ServingSettings(data_dir=base))
+        model_dir, _ = resolve_model(LocalSettings(data_dir=base))
     try:
         for kind in kinds:
             config = SimConfig(

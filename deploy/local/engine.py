@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from deploy.local.process import Supervised, free_port, spawn
-from serving.settings import ServingSettings
+from deploy.local.settings import LocalSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class EngineConfig:
 
 
 def engine_config(
-    settings: ServingSettings,
+    settings: LocalSettings,
     model: str,
     served_model_name: str,
     *,

@@ -25,9 +25,10 @@ from deploy.local.engine import EngineProcess, engine_config
 from deploy.local.models import ModelUnavailable, check_model
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.local.secrets import load_or_create, secure_data_dir, write_private
+from deploy.local.settings import LocalSettings
 from deploy.local.workers import WorkerProcess
 from deploy.migrations import upgrade
-from serving.settings import ALL_SCOPES, ApiKey, ServingSettings, vllm_key_file
+from serving.settings import ALL_SCOPES, ApiKey, vllm_key_file
 
 log = logging.getLogger("pairloop")
 
@@ -61,7 +62,7 @@ def _echo(prefix: str) -> Callable[[str], None]:
 class Stack:
     """What `up` started, so that it can stop exactly that."""
 
-    settings: ServingSettings
+    settings: LocalSettings
     redis: EmbeddedRedis | None = None
     engine: EngineProcess | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
@@ -130,7 +131,7 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def resolve_model(settings: ServingSettings) -> tuple[str, str]:
+def resolve_model(settings: LocalSettings) -> tuple[str, str]:
     """(model path or id, public name); builds the embedded tiny model when none is configured. ModelUnavailable
     when the model cannot be served or trained here (deploy/local/models.py)."""
     if settings.model:
@@ -148,7 +149,7 @@ def resolve_model(settings: ServingSettings) -> tuple[str, str]:
     return str(out), settings.served_model_name or TINY_MODEL_NAME
 
 
-def prepare(settings: ServingSettings, *, workers: int = 1, training: bool = True, echo_children: bool = True) -> Stack:
+def prepare(settings: LocalSettings, *, workers: int = 1, training: bool = True, echo_children: bool = True) -> Stack:
     """Start the children `settings` asks for and return the complete settings for the gateway."""
     data_dir = settings.data_dir
     secure_data_dir(data_dir)
@@ -257,7 +258,7 @@ def banner(stack: Stack) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: ServingSettings, *, workers: int = 1, training: bool = True) -> None:
+def run(settings: LocalSettings, *, workers: int = 1, training: bool = True) -> None:
     """Start everything, serve until SIGINT/SIGTERM, then stop every child that was started.
 
     Bounded whatever it is doing: a signal while the children start (the tiny model's build, vLLM's start) stops
