@@ -18,7 +18,7 @@ from rq import get_current_job
 from sqlalchemy.orm import Session
 
 from feedback.schema import FeedbackEvent, QueuedEvent
-from feedback.settings import FeedbackSettings
+from feedback.settings import QueueSettings
 from feedback.store import engine_for, save_event
 from serving import records
 from serving.protocol import CompletionRecord
@@ -50,7 +50,7 @@ def _completion(completion_id: str) -> CompletionRecord:
     if job is not None:
         found = records.load_sync(job.connection, completion_id)
     else:
-        url = _redis_url or FeedbackSettings().redis_url
+        url = _redis_url or QueueSettings().redis_url
         if not url:
             raise RuntimeError("feedback.jobs.configure(store_url, redis_url) was not called")
         client = connect_sync(url)
@@ -83,7 +83,7 @@ def store_feedback(payload: dict[str, Any]) -> bool:
     else:
         queued = QueuedEvent.model_validate(payload)
         event = queued.with_completion(_completion(queued.completion_id))
-    url = _store_url or FeedbackSettings().store_url()
+    url = _store_url or QueueSettings().store_url()
     try:
         with Session(engine_for(url)) as session, session.begin():
             stored = save_event(session, event)

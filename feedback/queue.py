@@ -30,7 +30,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
-from feedback.settings import FeedbackSettings
+from feedback.settings import FeedbackSettings, QueueSettings
 
 JOB_FUNCTION = "feedback.jobs.store_feedback"
 
@@ -92,7 +92,7 @@ class Claim:
     ttl_s: int
 
 
-def make_queue(connection: redis.Redis, settings: FeedbackSettings) -> Queue:
+def make_queue(connection: redis.Redis, settings: QueueSettings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
@@ -220,7 +220,7 @@ class QueueStatus:
         return self.__dict__.copy()
 
 
-def status(connection: redis.Redis, settings: FeedbackSettings) -> QueueStatus:
+def status(connection: redis.Redis, settings: QueueSettings) -> QueueStatus:
     """Counts of the feedback queue, as `rq info` shows them."""
     queue = make_queue(connection, settings)
     return QueueStatus(
@@ -233,7 +233,7 @@ def status(connection: redis.Redis, settings: FeedbackSettings) -> QueueStatus:
     )
 
 
-def retry_failed(connection: redis.Redis, settings: FeedbackSettings) -> int:
+def retry_failed(connection: redis.Redis, settings: QueueSettings) -> int:
     """Requeue every failed job (the handler is idempotent, so this is always safe); how many."""
     queue = make_queue(connection, settings)
     registry = FailedJobRegistry(queue=queue)

@@ -19,7 +19,7 @@ from deploy.migrations import upgrade
 from feedback import jobs
 from feedback.queue import Claim, FeedbackQueue
 from feedback.schema import FeedbackEvent
-from feedback.settings import FeedbackSettings
+from feedback.settings import FeedbackSettings, QueueSettings
 from feedback.store import Completion, Feedback
 from serving import records, tokens
 from serving.protocol import CompletionRecord, SamplingParams, ServedChoice
@@ -69,15 +69,18 @@ def send(base: str, body: Any, key: str = "full", **kw: Any) -> httpx.Response:
     return httpx.post(f"{base}/v1/feedback", json=body, headers=auth(key), timeout=30, **kw)
 
 
-def submit_events(
-    redis_url: str, settings: FeedbackSettings, events: list[FeedbackEvent], claimed: bool = False
-) -> None:
-    """Queue `events` as the API does: each completion's record in Redis, then the event (with a claim on its
-    feedback id when `claimed`)."""
+def submit_events(redis_url: str, settings: QueueSettings, events: list[FeedbackEvent], claimed: bool = False) -> None:
+    """Queue `events` as the API does, on the queue `settings` names (a worker's settings do): each completion's
+    record in Redis, then the event (with a claim on its feedback id when `claimed`)."""
+    api = (
+        settings
+        if isinstance(settings, FeedbackSettings)
+        else FeedbackSettings(**{name: getattr(settings, name) for name in QueueSettings.model_fields})
+    )
 
     async def run() -> None:
         async with AsyncRedis.from_url(redis_url) as client:
-            queue = FeedbackQueue(client, settings)
+            queue = FeedbackQueue(client, api)
             for e in events:
                 await records.save(client, e.completion, 3600)
                 claims = [Claim(f"t:{e.feedback_id}", "1", 60)] if claimed else []

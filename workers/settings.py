@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from feedback.settings import FeedbackSettings
+from feedback.settings import QueueSettings
 
 
-class WorkerSettings(FeedbackSettings):
-    """How `pairloop worker` drains the feedback queue (the queue itself: `FeedbackSettings`)."""
+class WorkerSettings(QueueSettings):
+    """How `pairloop worker` drains the feedback queue (the queue itself: `feedback.settings.QueueSettings`)."""
 
     job_abandoned_after_s: int = Field(
         10,

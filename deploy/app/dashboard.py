@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from feedback import queue as feedback_queue
-from feedback.settings import FeedbackSettings
+from feedback.settings import QueueSettings
 from feedback.store import Feedback
 from serving.adapters.routing import load_routing, routing_json
 from serving.errors import responses
@@ -91,7 +91,7 @@ def _read_store(store: Engine, challenger: str | None, trainer: TrainerSettings)
         }
 
 
-def _read_queues(connection: redis.Redis, feedback: FeedbackSettings, trainer: TrainerSettings) -> dict[str, Any]:
+def _read_queues(connection: redis.Redis, feedback: QueueSettings, trainer: TrainerSettings) -> dict[str, Any]:
     return {
         "feedback": feedback_queue.status(connection, feedback).as_dict(),
         "training": {
