@@ -143,7 +143,7 @@ def create_app(
                     client,
                     redis,
                     metrics,
-                    settings.secret.get_secret_value().encode(),
+                    settings.token_secrets()[0],
                     router=adapters,
                     memory=memory,
                 ),

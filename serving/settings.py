@@ -28,6 +28,11 @@ PLACEHOLDER = "replace-me"
 """How every example secret in deploy/ begins; a setting that still holds one is refused."""
 
 
+def still_an_example(variable: str) -> str:
+    """What every part says of a variable that still holds an example value of deploy/."""
+    return f"{variable} still holds an example value ('{PLACEHOLDER}…'): set a real one (docs/DEPLOY.md, 'Secrets')"
+
+
 def revealed(value: object) -> str:
     """`value` as text with its secrets shown: what the placeholder check reads."""
     if isinstance(value, SecretStr):
@@ -97,10 +102,7 @@ class PairloopSettings(BaseSettings):
         any field of any part's settings, secrets (`SecretStr`, shown as '**********') included."""
         for name in type(self).model_fields:
             if PLACEHOLDER in revealed(getattr(self, name)):
-                raise ValueError(
-                    f"{ENV_PREFIX}{name.upper()} still holds an example value ('{PLACEHOLDER}…'): set a real one "
-                    "(docs/DEPLOY.md, 'Secrets')"
-                )
+                raise ValueError(still_an_example(f"{ENV_PREFIX}{name.upper()}"))
         return self
 
     def vllm_key(self) -> str | None:

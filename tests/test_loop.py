@@ -8,7 +8,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from serving.adapters.routing import ROUTING_KEY
 from tests.cli_helpers import cli
 from tests.feedback_helpers import chat, chat_pair, drain, send, vote
 from tests.gateway_helpers import LEARNING_ENV, MODEL_NAME, GatewayFactory
-from tests.loop_helpers import admin, clear_routing, make_adapter, statuses, wait_for_backends
+from tests.loop_helpers import admin, make_adapter, statuses, wait_for_backends
 from tests.store_helpers import event, record
 from trainer import loop, registry
 from trainer.errors import RoundBusy
@@ -36,22 +35,33 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def loop_env(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model: Path, redis_url: str, rdb: redis.Redis
-) -> Iterator[str]:
-    """The trainer's settings for this test (it reads them from the environment, as the worker does)."""
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_model: Path,
+    redis_url: str,
+    rdb: redis.Redis,
+    base_routing: None,
+) -> str:
+    """The trainer's settings for this test (LEARNING_ENV's), its store's URL."""
+    return trainer_env(monkeypatch, tmp_path, tiny_model, redis_url, LEARNING_ENV)
+
+
+def trainer_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model: Path, redis_url: str, settings: dict[str, str]
+) -> str:
+    """A migrated store in `tmp_path` and the trainer's `settings` in the environment (it reads them from there, as
+    the worker does); its store's URL."""
     store = f"sqlite:///{tmp_path / 'store.db'}"
     upgrade(store)
-    clear_routing(redis_url)
     for key, value in {
         "PAIRLOOP_DATA_DIR": str(tmp_path),
         "PAIRLOOP_DATABASE_URL": store,
         "PAIRLOOP_MODEL": str(tiny_model),
-        **LEARNING_ENV,
+        **settings,
     }.items():
         monkeypatch.setenv(key, value)
     loop.configure(redis_url)
-    yield store
-    clear_routing(redis_url)
+    return store
 
 
 def test_a_round_with_the_service_defaults_passes_its_gate(
@@ -68,12 +78,7 @@ def test_a_round_with_the_service_defaults_passes_its_gate(
     cron check's threshold, the learning rate, the epochs and the gate as shipped, on 100 votes of a judge who
     prefers polite answers (deploy/simulate's). The candidate passes the gate and becomes the challenger (the
     default A/B share is 0.5). Seeded chats and a content-hashed split make the run the same every time."""
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    upgrade(store)
-    for key, value in {"PAIRLOOP_DATA_DIR": str(tmp_path), "PAIRLOOP_DATABASE_URL": store}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PAIRLOOP_MODEL", str(tiny_model))
-    loop.configure(redis_url)
+    store = trainer_env(monkeypatch, tmp_path, tiny_model, redis_url, {})  # no setting but the paths
     gw = make_gateway([engine.url], feedback={"database_url": store})
     judge, sent = Preference("polite"), 0
     for i in range(600):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from deploy.local.engine import EngineProcess
 from deploy.migrations import upgrade
 from tests.feedback_helpers import PROMPT, auth, chat, drain, send, vote
 from tests.gateway_helpers import MODEL_NAME, GatewayFactory
-from tests.loop_helpers import admin, clear_routing, make_adapter, statuses
+from tests.loop_helpers import admin, make_adapter, statuses
 from trainer.ab import wilson
 from trainer.promotion import remote_promotions
 
@@ -27,12 +26,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def store(tmp_path: Path, redis_url: str, rdb: redis.Redis) -> Iterator[str]:
+def store(tmp_path: Path, rdb: redis.Redis, base_routing: None) -> str:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     upgrade(url)
-    clear_routing(redis_url)
-    yield url
-    clear_routing(redis_url)
+    return url
 
 
 def served_by(data: dict[str, Any]) -> list[str]:

@@ -24,10 +24,10 @@ import redis
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
-from feedback.service import Feedback
+from feedback.api import FeedbackDep
 from serving import redis_client
 from serving.adapters.routing import Routing, SwapResult, routing_json
-from serving.api import require
+from serving.api import GatewayDep, require
 from serving.app import Extension
 from serving.auth import Principal
 from serving.errors import Conflict, InvalidRequest, responses
@@ -69,8 +69,6 @@ def extension(settings: TrainerSettings) -> Extension:
     return run
 
 
-GatewayDep = Annotated[Gateway, service(Gateway)]
-FeedbackDep = Annotated[Feedback, service(Feedback)]
 LoopAdminDep = Annotated[LoopAdmin, service(LoopAdmin)]
 
 

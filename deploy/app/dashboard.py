@@ -18,14 +18,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from feedback import queue as feedback_queue
+from feedback.api import FeedbackDep
 from feedback.settings import QueueSettings
 from feedback.store import Feedback
 from serving.adapters.routing import load_routing, routing_json
+from serving.api import GatewayDep
 from serving.errors import responses
 from trainer import queue as training_queue
 from trainer import registry
 from trainer.ab import live_record
-from trainer.api import Admin, FeedbackDep, GatewayDep, LoopAdminDep
+from trainer.api import Admin, LoopAdminDep
 from trainer.data import backlog
 from trainer.settings import TrainerSettings
 

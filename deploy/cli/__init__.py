@@ -15,7 +15,7 @@ import typer
 
 from deploy import settings
 from deploy.cli import data, hosts, loop, service, simulate
-from serving.settings import PLACEHOLDER
+from serving.settings import still_an_example
 
 
 def _check_environment() -> None:
@@ -26,10 +26,7 @@ def _check_environment() -> None:
     for line in settings.warnings():
         typer.echo(line, err=True)
     for name in settings.example_values():
-        typer.echo(
-            f"{name} still holds an example value ('{PLACEHOLDER}…'): set a real one (docs/DEPLOY.md, 'Secrets')",
-            err=True,
-        )
+        typer.echo(still_an_example(name), err=True)
         raise typer.Exit(1)
 
 
