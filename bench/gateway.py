@@ -57,7 +57,9 @@ def engine_and_gateway(
 ) -> Iterator[tuple[EngineProcess, str, str]]:
     """vLLM on `model` and `pairloop up` in front of it (data dir `tmp/data`): (engine, gateway URL, development API
     key). Both are stopped at the end."""
-    engine = EngineProcess(EngineConfig(model=model, served_model_name=served_name, log_path=tmp / "vllm.log"))
+    engine = EngineProcess(
+        EngineConfig(model=model, served_model_name=served_name, log_path=tmp / "vllm.log", adapter_dirs=[tmp])
+    )
     engine.start()
     gateway = None
     try:

@@ -197,7 +197,9 @@ def main() -> None:
 
     model = pick_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="pairloop-bench-swap-"))
-    engine = EngineProcess(EngineConfig(model=model, served_model_name=NAME, log_path=tmp / "vllm.log"))
+    engine = EngineProcess(
+        EngineConfig(model=model, served_model_name=NAME, log_path=tmp / "vllm.log", adapter_dirs=[tmp])
+    )
     engine.start()
     gateway = None
     try:

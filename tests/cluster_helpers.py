@@ -283,7 +283,10 @@ class Cluster:
         address = vllm_address(n)
         url = f"http://{address}:{self.port}"
         command, _ = compose_service(service)
-        vllm = _join(self._pairloop(*_localize(service, command, host=address, port=str(self.port))))
+        adapters = str(host_dir / "adapters")
+        vllm = _join(
+            self._pairloop(*_localize(service, command, host=address, port=str(self.port), adapter_dir=adapters))
+        )
         script = f"{vllm} & {_join(self._sync_command(n))} & wait" if with_sync else f"exec {vllm}"
         host = Host(name, host_dir, ["sh", "-c", script], self.host_env(service, host_dir), url=url)
         self.hosts[name] = host

@@ -72,7 +72,12 @@ def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """One real vLLM server for the whole session, started through the gateway's own launcher."""
     logs = tmp_path_factory.mktemp("vllm")
     proc = EngineProcess(
-        EngineConfig(model=str(tiny_model), served_model_name=MODEL_NAME, log_path=logs / "vllm.log"),
+        EngineConfig(
+            model=str(tiny_model),
+            served_model_name=MODEL_NAME,
+            log_path=logs / "vllm.log",
+            adapter_dirs=[tmp_path_factory.getbasetemp()],  # every test's tmp_path: where tests train adapters
+        ),
         max_backoff_s=2.0,
     )
     proc.start()

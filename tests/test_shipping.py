@@ -387,6 +387,7 @@ def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
         sync_mounts = {m["mountPath"]: m["name"] for m in sync["volumeMounts"]}
         directory = option(sync["args"], "--dir")
         assert mounts[directory] == sync_mounts[directory], "vLLM loads from the directory its sidecar fills"
+        assert option(vllm["args"], "--adapter-dir") == directory, "and its guard lets it load from there only"
         # The engine pairloop vllm starts from this container's settings.
         env = filled(container_env(docs, vllm))
         settings = settings_from(LocalSettings, env, monkeypatch)
@@ -424,6 +425,7 @@ def test_vllm_wiring_matches_what_the_gateways_and_trainer_expect(
         sync = services[f"{name}-sync"]
         assert option(sync["command"], "--vllm-url") == url
         directory = option(sync["command"], "--dir")
+        assert option(engine_service["command"], "--adapter-dir") == directory
         volume = lambda s: {v.split(":")[1]: v.split(":")[0] for v in s["volumes"]}  # noqa: E731
         assert volume(engine_service)[directory] == volume(sync)[directory]
 

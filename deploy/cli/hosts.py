@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from deploy.cli.options import explain, fail, setup_logging
 from deploy.local.settings import LocalSettings
+from serving.settings import is_loopback
 
 
 def register(app: typer.Typer) -> None:
@@ -68,15 +69,29 @@ def vllm(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port vLLM listens on.")] = 8001,
+    adapter_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Directory vLLM may load adapters from: the one its `pairloop adapter-sync` fills (repeat for "
+            "more; default: the data dir's adapters/). A load naming any other path is refused."
+        ),
+    ] = None,
 ) -> None:
     """Run the vLLM server of one vLLM host (model: PAIRLOOP_MODEL, or the embedded tiny model built into the
-    data dir), restarted if it dies. Beside it, run `pairloop adapter-sync`."""
+    data dir), restarted if it dies. Beside it, run `pairloop adapter-sync`. Only the routes the gateways and the
+    trainer use answer, all but /health with the key (PAIRLOOP_VLLM_API_KEY), which an address other than
+    loopback requires."""
     from deploy.local.engine import EngineProcess, engine_config
     from deploy.local.models import ModelUnavailable
     from deploy.local.stack import ENGINE_GIVE_UP_AFTER, resolve_model
 
     setup_logging()
     settings = _serving_settings()
+    if not is_loopback(host) and not settings.vllm_key():
+        fail(
+            f"pairloop vllm --host {host}: other machines could reach vLLM, so it needs a key; set "
+            "PAIRLOOP_VLLM_API_KEY (the gateways and the trainer send the same one)"
+        )
     try:
         model, name = resolve_model(settings)
     except ModelUnavailable as exc:
@@ -90,7 +105,13 @@ def vllm(
 
     engine = EngineProcess(
         engine_config(
-            settings, model, name, host=host, port=port, echo=lambda line: typer.echo(f"[vllm] {line}", err=True)
+            settings,
+            model,
+            name,
+            host=host,
+            port=port,
+            adapter_dirs=adapter_dir or None,
+            echo=lambda line: typer.echo(f"[vllm] {line}", err=True),
         ),
         give_up_after=ENGINE_GIVE_UP_AFTER,
         on_give_up=give_up,

@@ -3,10 +3,12 @@
 The child runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of the CPU
 build looks up the wrong distribution, see docs/STACK.md) with runtime LoRA loading and prefix caching on.
 It listens on 127.0.0.1 only and takes an API key of its own (VLLM_API_KEY; `pairloop up` makes one in the data
-dir, which only the gateway and the trainer read): its adapter endpoints change what is served, so no other local
-process may call them. vLLM's key guards only `/v1/*` (`/health` stays open for the probes). If it dies, a watcher
-thread starts it again with exponential backoff; the gateway's health probes notice the gap and
-answer 503 meanwhile. One that exits at every start (`give_up_after` times in a row) is given up on.
+dir, which only the gateway and the trainer read). vLLM itself checks that key only under `/v1` and a few other
+prefixes, so the child also runs `serving/vllm_guard.py` in front of its routes: only the routes the gateway and the
+trainer use answer, all but `/health` with the key, and adapters load only from `adapter_dirs` (docs/SECURITY.md).
+The child gets only the environment it needs (`child_environment`), none of pairloop's secrets but its own key.
+If it dies, a watcher thread starts it again with exponential backoff; the gateway's health probes notice the gap
+and answer 503 meanwhile. One that exits at every start (`give_up_after` times in a row) is given up on.
 """
 
 from __future__ import annotations
@@ -28,11 +30,30 @@ import httpx
 
 from deploy.local.process import Supervised, free_port, spawn
 from deploy.local.settings import LocalSettings
+from serving.vllm_guard import ADAPTER_DIRS_ENV, VllmGuard
 
 log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/health"
 """vLLM's liveness route: what `wait_ready` polls and the container probes of deploy/ ask."""
+
+GUARD = f"{VllmGuard.__module__}.{VllmGuard.__qualname__}"
+"""The `--middleware` every vLLM child runs: the route filter of serving/vllm_guard.py."""
+
+CHILD_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TERM", "PYTHONPATH"})
+CHILD_ENV_PREFIXES = (
+    "LC_", "LD_", "VLLM_", "HF_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "NCCL_", "TRITON_",
+    "OMP_", "MKL_", "KMP_", "XDG_", "SSL_CERT_",
+)  # fmt: skip
+"""What the vLLM child inherits from its parent's environment: the system's, the engine's and its libraries'
+variables. Everything else (pairloop's secrets, the database and Redis URLs, the S3 keys) stays behind."""
+
+
+def child_environment(parent: dict[str, str]) -> dict[str, str]:
+    """The variables of `parent` the vLLM child may see (`CHILD_ENV`, `CHILD_ENV_PREFIXES`), its key excepted."""
+    return {
+        k: v for k, v in parent.items() if (k in CHILD_ENV or k.startswith(CHILD_ENV_PREFIXES)) and k != "VLLM_API_KEY"
+    }
 
 
 def is_cpu_engine() -> bool:
@@ -60,8 +81,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5
     """`--gpu-memory-utilization` of the CUDA engine: its share of the GPU, the rest left to the trainer."""
     api_key: str | None = None
-    """vLLM's VLLM_API_KEY (in its environment, not on its command line where `ps` shows it): required on /v1/*,
-    the adapter endpoints included."""
+    """vLLM's VLLM_API_KEY (in its environment, not on its command line where `ps` shows it): required on every
+    route but `/health` (vLLM's own check and the guard's)."""
+    adapter_dirs: list[Path] = field(default_factory=list)
+    """The only directories the guard lets vLLM load adapters from."""
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     echo: Callable[[str], None] | None = None
@@ -75,9 +98,11 @@ def engine_config(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    adapter_dirs: list[Path] | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> EngineConfig:
-    """The vLLM server `settings` ask for (`pairloop up`'s child and `pairloop vllm` alike)."""
+    """The vLLM server `settings` ask for (`pairloop up`'s child and `pairloop vllm` alike). `adapter_dirs`: where
+    it may load adapters from (default: the data dir's `adapters/`, where the trainer of `pairloop up` writes)."""
     return EngineConfig(
         model=model,
         served_model_name=served_model_name,
@@ -90,6 +115,7 @@ def engine_config(
         cpu_cores=settings.vllm_cpu_cores,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         api_key=settings.vllm_key(),
+        adapter_dirs=adapter_dirs if adapter_dirs is not None else [settings.data_dir / "adapters"],
         extra_args=settings.vllm_extra_args.split(),
         log_path=settings.data_dir / "logs" / "vllm.log",
         echo=echo,
@@ -155,6 +181,8 @@ class EngineProcess:
             "--max-lora-rank",
             str(c.max_lora_rank),
             "--disable-uvicorn-access-log",
+            "--middleware",
+            GUARD,
         ]
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
@@ -165,12 +193,12 @@ class EngineProcess:
         return cmd + c.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = child_environment(dict(os.environ))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
         if self.config.cpu_cores != "auto":
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_cores
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        env.pop("VLLM_API_KEY", None)
+        env[ADAPTER_DIRS_ENV] = os.pathsep.join(str(d) for d in self.config.adapter_dirs)
         if self.config.api_key:
             env["VLLM_API_KEY"] = self.config.api_key
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
