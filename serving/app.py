@@ -184,7 +184,7 @@ def create_app(
     install_handlers(app, metrics)
     app.include_router(router)
     app.openapi = functools.partial(openapi_document, app)  # type: ignore[method-assign]
-    app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # counts the 413s and 408s of BodyLimit too
     app.add_middleware(Authenticate, keyring=keyring)  # outermost: the caller is known before any body is read
     return app

@@ -44,8 +44,13 @@ from serving.settings import ServingSettings
 log = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5
-"""vLLM 0.32 samples greedily below this temperature (`_SAMPLING_EPS`, vllm/sampling_params.py). A top_p this
-small keeps the most likely token alone (top-p keeps at least one), which is greedy too."""
+"""A top_p this small keeps the most likely token alone (top-p keeps at least one): greedy, as vLLM 0.32 is below
+this temperature (`_SAMPLING_EPS`, vllm/sampling_params.py)."""
+
+PAIR_TEMPERATURE_FROM = 1e-2
+"""The lowest temperature a pair is sampled at: vLLM 0.32 raises any temperature in (0, 0.01) to 0.01 (`_MAX_TEMP`,
+vllm/sampling_params.py), where the two choices of the tiny model already come back identical, and is greedy below
+1e-5. tests/test_units.py reads both constants from the installed vLLM."""
 
 EXTENSION = "pairloop"
 """Name of the extension object in responses and in the stream's last chunk (the OpenAI SDK keeps it)."""
@@ -148,10 +153,10 @@ class ChatService:
         if n > 2:
             raise InvalidRequest(f"n={n} is not supported: pairloop serves 1 or 2 choices per request.", param="n")
         temperature = 1.0 if req.temperature is None else req.temperature
-        if n > 1 and temperature < GREEDY_BELOW:
+        if n > 1 and temperature < PAIR_TEMPERATURE_FROM:
             raise InvalidRequest(
-                f"temperature {temperature:g} samples greedily (vLLM does below {GREEDY_BELOW:g}): both choices of a "
-                "pair would be identical; use a higher temperature, or n: 1.",
+                f"temperature {temperature:g} is below {PAIR_TEMPERATURE_FROM:g}, where vLLM stops sampling: both "
+                "choices of a pair would be identical; use a higher temperature, or n: 1.",
                 param="temperature",
             )
         if n > 1 and req.top_p is not None and req.top_p < GREEDY_BELOW:
@@ -162,10 +167,11 @@ class ChatService:
             )
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise InvalidRequest("Give max_tokens or max_completion_tokens, not both.", param="max_tokens")
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
+        limit = self.settings.max_tokens_limit
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(self.settings.max_tokens_default, limit)
+        if max_tokens > limit:
             raise InvalidRequest(
-                f"max_tokens={max_tokens} is over this server's limit of {self.settings.max_tokens_limit}.",
+                f"max_tokens={max_tokens} is over this server's limit of {limit}.",
                 param="max_tokens",
             )
         stop = [req.stop] if isinstance(req.stop, str) else req.stop

@@ -109,6 +109,12 @@ class PayloadTooLarge(ServingError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServingError):
+    status_code = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class _RetryLater(ServingError):
     """An answer that tells the client when to try again (`Retry-After`)."""
 

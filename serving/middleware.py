@@ -1,14 +1,15 @@
-"""ASGI middleware: authentication before the body is read, the body size limit, per-route request metrics."""
+"""ASGI middleware: authentication before the body is read, the body size and time limits, per-route request metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.auth import KeyRing
-from serving.errors import PayloadTooLarge, ServingError, Unauthorized
+from serving.errors import PayloadTooLarge, RequestTimeout, ServingError, Unauthorized
 from serving.metrics import Metrics
 
 PROTECTED_PREFIXES = ("/v1/", "/admin/")
@@ -49,57 +50,70 @@ class Authenticate:
 
 
 class BodyLimit:
-    """Refuse bodies over `max_bytes` with 413: by Content-Length, or by reading a chunked body up to the limit.
+    """Refuse bodies over `max_bytes` with 413, by Content-Length or by counting the bytes as they stream in, and
+    bodies that take longer than `timeout_s` to arrive with 408.
 
-    A chunked body is read here in full (at most `max_bytes`) and replayed to the app, because FastAPI turns
-    any error raised while it reads a body into a 400 and the client would not learn what was wrong.
+    Nothing is buffered here: the app reads the body through a counting `receive`. When the limit or the deadline
+    is passed, the client gets the 413 or 408 at once, the app is told the client went away, and whatever the app
+    answers after that is dropped. Authentication runs before this (`Authenticate`), so a caller without a key
+    never gets as far as sending a body anyone reads.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(send)
-                return
-            await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send, self._too_large())
             return
-        if b"chunked" not in headers.get(b"transfer-encoding", b""):
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
+        done = False
+        answered = False
+        deadline: float | None = None
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+        async def counted() -> Message:
+            nonlocal size, done, answered, deadline
+            if answered:
+                return {"type": "http.disconnect"}
+            if done:  # the body is in: what follows is the wait for a disconnect, however long the answer takes
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                answered = True
+                await self._refuse(
+                    send, RequestTimeout(f"The request body did not arrive within {self.timeout_s:g} s.")
+                )
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    answered = True
+                    await self._refuse(send, self._too_large())
+                    return {"type": "http.disconnect"}
+                done = not message.get("more_body", False)
+            return message
 
-        await self.app(scope, replay, send)
+        async def guarded(message: Message) -> None:
+            if not answered:
+                await send(message)
 
-    async def _refuse(self, send: Send) -> None:
-        await send_error(send, PayloadTooLarge(f"Request body is over this server's limit of {self.max_bytes} bytes."))
+        await self.app(scope, counted, guarded)
+
+    def _too_large(self) -> ServingError:
+        return PayloadTooLarge(f"Request body is over this server's limit of {self.max_bytes} bytes.")
+
+    async def _refuse(self, send: Send, err: ServingError) -> None:
+        await send_error(send, err)
 
 
 class RequestMetrics:

@@ -10,34 +10,46 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 32_000
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """No lone surrogate (`"\\ud800"` in JSON): such a string cannot be written as UTF-8, so it could be neither
+    recorded nor sent to vLLM."""
+    if (found := _SURROGATE.search(text)) is not None:
+        raise ValueError(f"lone surrogate {found.group()!r} is not valid Unicode text")
+    return text
 
 
 def printable(text: str) -> str:
-    """No control characters but tab and newline. NUL cannot be stored by PostgreSQL (an event acknowledged
-    and never stored); the others only hide text from whoever reads it."""
+    """Valid Unicode text with no control characters but tab and newline. NUL cannot be stored by PostgreSQL (an
+    event acknowledged and never stored); the others only hide text from whoever reads it."""
     if (found := _CONTROL.search(text)) is not None:
         raise ValueError(f"control character {found.group()!r} is not allowed (tab and newline are)")
-    return text
+    return encodable(text)
 
 
 Printable = Annotated[str, AfterValidator(printable)]
 """A client string that is stored and shown: names, users, comments, edits."""
 
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Text = Annotated[str, AfterValidator(encodable)]
+"""Client text sent on to vLLM and recorded: message contents."""
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(encodable)]
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str = Field(max_length=MAX_CONTENT_CHARS)
+    text: Text = Field(max_length=MAX_CONTENT_CHARS)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(max_length=MAX_CONTENT_CHARS)
+    content: Text | list[TextPart] = Field(max_length=MAX_CONTENT_CHARS)
     name: Printable | None = Field(None, max_length=64)
 
 
@@ -53,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    model: str | None = Field(None, max_length=256)
+    model: Text | None = Field(None, max_length=256)
     n: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

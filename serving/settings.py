@@ -195,7 +195,16 @@ class ServingSettings(PairloopSettings):
         "feedback can arrive this long.",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Longest time a request body may take to arrive (then 408)."
+    )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a client may ask for.")
+    max_tokens_default: int = Field(
+        256,
+        ge=1,
+        description="`max_tokens` of a request that sends none (PAIRLOOP_MAX_TOKENS_LIMIT if that is lower), so "
+        "that no request generates up to the model's whole context.",
+    )
     upstream_timeout_s: float = Field(300.0, gt=0, description="Longest wait for one vLLM response.")
     health_interval_s: float = Field(1.0, gt=0, description="How often each vLLM backend is probed.")
     retry_after_s: int = Field(5, ge=1, description="`Retry-After` sent with 503 answers.")

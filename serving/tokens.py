@@ -54,6 +54,10 @@ def verify(
     """The token's claims, if it is genuine (signed with `secret`, or one of several during a rotation),
     unexpired and made for this completion and key."""
     try:
+        token.encode()
+    except UnicodeEncodeError:  # a lone surrogate: not text that could be checked at all
+        raise TokenError("malformed feedback token") from None
+    try:
         version, payload, signature = token.split(".")
     except ValueError:
         raise TokenError("malformed feedback token") from None
@@ -66,7 +70,7 @@ def verify(
     try:
         data = json.loads(_unb64(payload))
         claims = TokenClaims(str(data["cid"]), str(data["kid"]), int(data["exp"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: an expiry of 1e400 (infinity)
         raise TokenError("malformed feedback token") from None
     if claims.completion_id != completion_id:
         raise TokenError("feedback token was issued for another completion")

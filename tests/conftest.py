@@ -197,6 +197,8 @@ def make_gateway(redis_url: str, tmp_path: Path) -> Iterator[GatewayFactory]:
 def gateway(engine: EngineProcess, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The gateway over the session's vLLM engine; its URL."""
     tmp = tmp_path_factory.mktemp("gw")
-    settings = settings_for(redis_url, [engine.url], tmp, max_body_bytes=64 * 1024, max_tokens_limit=200)
+    settings = settings_for(
+        redis_url, [engine.url], tmp, max_body_bytes=64 * 1024, max_tokens_limit=200, max_tokens_default=6
+    )
     with ServerThread(build_app(settings, feedback_settings(tmp))) as server:
         yield server.url

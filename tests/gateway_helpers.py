@@ -48,11 +48,12 @@ class ServerThread:
     """A real uvicorn server in a thread of the test process, on a port it holds from the start (bound here and
     handed to uvicorn: no other process can take it between choosing and listening)."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, config: uvicorn.Config | None = None) -> None:
+        """`config`: how to serve `app` (default: uvicorn's defaults); its address is replaced by the held port."""
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.port: int = self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning")  # type: ignore[arg-type]
+        config = config or uvicorn.Config(app, log_level="warning")  # type: ignore[arg-type]
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

@@ -157,6 +157,17 @@ def test_pinning_the_base_model_and_refusing_an_unserved_version(client: openai.
     assert record_count(rdb) == 1
 
 
+def test_a_chat_without_max_tokens_stops_at_the_default(gateway: str, rdb: redis.Redis) -> None:
+    """Not at the model's whole context: the gateway's PAIRLOOP_MAX_TOKENS_DEFAULT (here 6) reaches vLLM."""
+    r = post(gateway, json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}], "seed": 1}))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["usage"]["completion_tokens"] <= 2 * 6
+    assert all(c["finish_reason"] == "length" for c in data["choices"]), data["choices"]
+    record = json.loads(rdb.get(f"pairloop:completion:{data['id']}"))
+    assert record["sampling"]["max_tokens"] == 6
+
+
 def test_max_tokens_over_the_limit_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=5000)
@@ -188,6 +199,14 @@ def post(gateway: str, content: bytes | str, key: str = "full", **headers: str) 
         (b"[1, 2]", 422, "body"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "user": "a\\u0000b"}', 422, "user"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-9}', 400, "temperature"),
+        # vLLM raises 0.005 to 0.01 and samples both choices alike there
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 0.005}', 400, "temperature"),
+        # a lone surrogate cannot be written as UTF-8: not to Redis, not to vLLM
+        (b'{"messages": [{"role": "user", "content": "hi"}], "user": "\\ud800"}', 422, "user"),
+        (b'{"messages": [{"role": "user", "content": "a\\udfffb"}]}', 422, "messages.0.content"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', 422, "content"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}', 422, "stop"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "model": "\\ud800"}', 422, "model"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e-9}', 400, "top_p"),
     ],
 )

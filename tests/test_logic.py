@@ -142,6 +142,7 @@ def test_request_planning() -> None:
         (request(n=3), "n"),
         (request(temperature=0), "temperature"),
         (request(temperature=1e-9), "temperature"),
+        (request(temperature=0.009), "temperature"),
         (request(top_p=1e-9), "top_p"),
         (request(max_tokens=101), "max_tokens"),
         (request(max_tokens=5, max_completion_tokens=5), "max_tokens"),
@@ -151,7 +152,9 @@ def test_request_planning() -> None:
             service.plan(req)
         assert caught.value.param == param and caught.value.status_code == 400
     assert service.plan(request(n=1, temperature=0)).sampling.temperature == 0
-    assert service.plan(request(temperature=1e-5, top_p=1e-5)).sampling.temperature == 1e-5
+    assert service.plan(request(temperature=0.01, top_p=1e-5)).sampling.temperature == 0.01
+    assert service.plan(request()).body["max_tokens"] == 100, "no max_tokens: the default, capped by the limit"
+    assert chat_service(max_tokens_limit=300).plan(request()).body["max_tokens"] == 256
     assert chat_service(responses_per_request=1).plan(request()).adapters == ["base-model"]
 
 

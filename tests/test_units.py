@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from deploy.local.process import free_port
-from serving import tasks, tokens
+from serving import chat, tasks, tokens
 from serving.auth import KeyRing
 from serving.backends import BackendPool
 from serving.errors import Forbidden, Unauthorized, Unavailable
@@ -49,6 +49,24 @@ def test_token_round_trip_and_every_way_it_fails() -> None:
     other = tokens.issue(SECRET, "chatcmpl-b", "k1", exp).split(".")[1]
     with pytest.raises(tokens.TokenError):
         tokens.verify(SECRET, f"{v}.{other}.{sig}", completion_id="chatcmpl-b", key_id="k1")
+
+
+def test_a_signed_token_with_an_absurd_expiry_or_broken_text_is_refused_not_a_crash() -> None:
+    payload = tokens._b64(b'{"cid": "chatcmpl-a", "kid": "k1", "exp": 1e400}')  # JSON reads it as infinity
+    forged = f"v1.{payload}.{tokens._sign(SECRET, payload)}"
+    with pytest.raises(tokens.TokenError, match="malformed"):
+        tokens.verify(SECRET, forged, completion_id="chatcmpl-a", key_id="k1")
+    with pytest.raises(tokens.TokenError, match="malformed"):
+        tokens.verify(SECRET, "v1.\ud800.x", completion_id="chatcmpl-a", key_id="k1")
+
+
+def test_pairs_are_refused_where_the_installed_vllm_stops_sampling() -> None:
+    """The gateway's bounds are vLLM's own constants: below 0.01 vLLM raises the temperature to 0.01 (`_MAX_TEMP`)
+    and below 1e-5 it is greedy (`_SAMPLING_EPS`)."""
+    from vllm import sampling_params
+
+    assert chat.PAIR_TEMPERATURE_FROM == sampling_params._MAX_TEMP
+    assert chat.GREEDY_BELOW == sampling_params._SAMPLING_EPS
 
 
 def test_keyring_scopes() -> None:

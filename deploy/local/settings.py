@@ -30,6 +30,18 @@ class LocalSettings(ServingSettings):
         description="After SIGTERM or Ctrl-C: how long requests in flight may finish, then how long the children "
         "of `pairloop up` may take to stop before they are killed; a second signal stops at once.",
     )
+    # the gateway's HTTP server (deploy/local/server.py)
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Connections and requests in progress the gateway takes at once; beyond, it answers 503.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Longest time a client may take to send a request's line and headers."
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, le=300, description="How long an idle kept-alive connection stays open between requests."
+    )
     # the vLLM child (only when PAIRLOOP_VLLM_URLS is empty)
     vllm_port: int = Field(0, ge=0, le=65535, description="Loopback port of the vLLM child; 0 picks a free one.")
     vllm_max_model_len: int | None = Field(

@@ -25,6 +25,7 @@ from deploy.local.engine import EngineProcess, engine_config
 from deploy.local.models import ModelUnavailable, check_model
 from deploy.local.redis_server import EmbeddedRedis
 from deploy.local.secrets import load_or_create, secure_data_dir, write_private
+from deploy.local.server import server_config
 from deploy.local.settings import LocalSettings
 from deploy.local.workers import WorkerProcess
 from deploy.migrations import upgrade
@@ -291,15 +292,7 @@ def run(settings: LocalSettings, *, workers: int = 1, training: bool = True) -> 
             threading.Thread(target=announce, daemon=True).start()
         else:
             print(banner(stack), file=sys.stderr, flush=True)
-        config = uvicorn.Config(
-            app,
-            host=stack.settings.host,
-            port=stack.settings.port,
-            log_level="info",
-            access_log=False,
-            timeout_graceful_shutdown=int(stack.settings.shutdown_timeout_s) or 1,
-        )
-        _Server(config, on_second_signal=stop_now).run()
+        _Server(server_config(app, stack.settings), on_second_signal=stop_now).run()
     finally:
         log.info("stopping")
         signal.signal(signal.SIGINT, lambda *_: stop_now())
