@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue
+from rq.callbacks import Callback
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -72,3 +73,29 @@ def test_jobs_queued_under_release_0_1_names_still_run(
     usable = 0 if held_out(old.completion, TrainerSettings().holdout_fraction) else 2
     assert check.get_status() == "finished" and check.return_value() == {"new_examples": usable}
     client.close()
+
+
+def test_a_job_naming_any_other_function_fails_without_running(valkey: EmbeddedRedis, tmp_path: Path) -> None:
+    """Whoever can write to Redis can queue a job; a worker runs only pairloop's job functions (and no callback)."""
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(store_url)
+    client = redis.Redis.from_url(valkey.url)
+    queue = Queue("pairloop-feedback", connection=client, serializer=JSONSerializer)
+    forged = queue.enqueue("os.mkdir", args=(str(tmp_path / "forged-job-ran"),))
+    # an allowed job that fails, with a failure callback of the forger's choosing
+    callback = queue.enqueue("feedback.jobs.store_feedback", args=({"garbage": True},), on_failure=Callback("os.mkdir"))
+    make_worker(client, WorkerSettings(database_url=store_url)).work(burst=True, logging_level="WARNING")
+    forged = Job.fetch(forged.id, connection=client, serializer=JSONSerializer)
+    assert forged.get_status() == "failed"
+    assert "'os.mkdir', which is not a pairloop job" in (forged.latest_result().exc_string or "")
+    assert not (tmp_path / "forged-job-ran").exists()
+    assert Job.fetch(callback.id, connection=client, serializer=JSONSerializer).get_status() == "failed"
+    assert CALLED == [], "no callback ran either"
+    client.close()
+
+
+CALLED: list[object] = []
+
+
+def trace(*args: object) -> None:
+    CALLED.append(args)

@@ -31,11 +31,55 @@ from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from feedback import jobs
-from feedback.queue import make_queue
+from feedback.queue import JOB_FUNCTION, make_queue
 from serving.redis_client import connect_sync
+from trainer.queue import CHECK_FUNCTION, ROUND_FUNCTION
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+
+ALLOWED_JOBS = frozenset(
+    {
+        JOB_FUNCTION,
+        ROUND_FUNCTION,
+        CHECK_FUNCTION,
+        # release 0.1's names of the same functions (workers/jobs.py, workers/training.py)
+        "workers.jobs.store_feedback",
+        "workers.training.check",
+        "workers.training.train_round",
+    }
+)
+"""The only functions a pairloop worker runs. A job is a function's import path and its arguments in Redis, and
+RQ imports whatever path a job names; anyone who can write to Redis could otherwise make a worker call any
+function it can import (`os.system`, with arguments of their choosing)."""
+
+
+class ForbiddenJob(Exception):
+    """A job names a function outside `ALLOWED_JOBS`: it fails without running."""
+
+
+class AllowedJob(Job):
+    """RQ's Job, whose function must be in `ALLOWED_JOBS`, and whose callbacks (pairloop sets none) are ignored:
+    a callback is a function RQ imports by name as well."""
+
+    @property
+    def func(self) -> Callable[..., object] | None:
+        if self.func_name not in ALLOWED_JOBS:
+            raise ForbiddenJob(f"job {self.id} names {self.func_name!r}, which is not a pairloop job: not run")
+        return super().func
+
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
 
 
 class FeedbackWorker(SimpleWorker):
@@ -203,6 +247,7 @@ def make_worker(
         connection=connection,
         name=name,
         serializer=JSONSerializer,
+        job_class=AllowedJob,
         # The blocking dequeue returns every maintenance interval, so abandoned jobs and due retries are
         # looked at on time even when the queue is idle.
         worker_ttl=settings.maintenance_interval_s + 15,
