@@ -297,6 +297,13 @@ def test_the_split_is_stable_and_one_judge_is_capped() -> None:
     kept, dropped = _cap(many, 0.1)
     assert sum(r["judge"] == "key:spammer" for r in kept) == 10 and dropped == 40
     assert _cap(many, 1.0) == (many, 0)
+    # a key that invents a user per vote dodges the judge cap, not the key cap
+    invented = [{"judge": f"bot:user-{i}"} for i in range(80)] + [{"judge": f"team:u{i % 5}"} for i in range(20)]
+    kept, dropped = _cap(invented, 0.1, 0.5)
+    assert sum(r["judge"].startswith("bot:") for r in kept) == 50 and dropped == 30
+    assert sum(r["judge"].startswith("team:") for r in kept) == 20
+    alone = [{"judge": f"dev:user-{i}"} for i in range(80)]
+    assert _cap(alone, 0.1, 0.5) == (alone, 0), "one key alone (pairloop up's dev key) keeps all its rows"
 
 
 # -- tokens, errors, settings ---------------------------------------------------------------------------

@@ -14,7 +14,9 @@ periodic check and of a round's selection follows the new data and the round's s
   the `split` index from a random point: a random sample of them, since the split is a hash.
 - **Evaluation**: up to `max_eval_examples` held-out rows, a run of the `split` index from a point fixed by the
   seed (the same rows round after round, while the store grows).
-- **Capped per judge**: no judge (API key and user) supplies more than `max_user_share` of the rows.
+- **Capped per judge and per key**: no judge (API key and user) supplies more than `max_user_share` of the rows,
+  and, when votes came through more than one API key, no key more than `max_key_share` (the `user` names a client
+  sends are its own, so the users a key invents all count under that key).
 - **One loss per round**: DPO when enough pending pairs arrived (thumbs up and down on the two choices of one
   completion already form a pair), else KTO on unpaired thumbs.
 """
@@ -289,7 +291,9 @@ def select_round(session: Session, settings: TrainerSettings, salt: int = 0) -> 
     evaluation = [r for rows in _rows_by_event(session, method, held) for r in rows][: settings.max_eval_examples]
 
     chosen, capped = _cap(
-        [{**r, "judge": meta[r["feedback_id"]][0]} for r in train_new + replay], settings.max_user_share
+        [{**r, "judge": meta[r["feedback_id"]][0]} for r in train_new + replay],
+        settings.max_user_share,
+        settings.max_key_share,
     )
     rng.shuffle(chosen)
     judges: dict[str, int] = {}
@@ -363,16 +367,21 @@ def give_back(session: Session, round_ids: list[int]) -> None:
         session.execute(update(Feedback).where(Feedback.round_id.in_(round_ids)).values(round_id=None))
 
 
-def _cap(rows: list[Row], share: float) -> tuple[list[Row], int]:
-    """At most `share` of the rows from any one judge (at least one each); how many were dropped."""
-    if share >= 1 or not rows:
+def _cap(rows: list[Row], share: float, key_share: float = 1.0) -> tuple[list[Row], int]:
+    """At most `share` of the rows from any one judge and, when more than one API key gave rows, at most
+    `key_share` from any one key (at least one each); how many were dropped. A row's judge is `key:user`."""
+    if not rows:
         return rows, 0
-    limit = max(1, int(share * len(rows)))
+    keys = {row["judge"].split(":", 1)[0] for row in rows}
+    judge_limit = max(1, int(share * len(rows))) if share < 1 else len(rows)
+    key_limit = max(1, int(key_share * len(rows))) if key_share < 1 and len(keys) > 1 else len(rows)
     kept: list[Row] = []
     per_judge: dict[str, int] = {}
+    per_key: dict[str, int] = {}
     for row in rows:  # new rows come first, newest first: a judge over the cap keeps its newest examples
-        n = per_judge.get(row["judge"], 0)
-        if n < limit:
+        judge, key = row["judge"], row["judge"].split(":", 1)[0]
+        if per_judge.get(judge, 0) < judge_limit and per_key.get(key, 0) < key_limit:
             kept.append(row)
-            per_judge[row["judge"]] = n + 1
+            per_judge[judge] = per_judge.get(judge, 0) + 1
+            per_key[key] = per_key.get(key, 0) + 1
     return kept, len(rows) - len(kept)

@@ -138,7 +138,14 @@ class TrainerSettings(PairloopSettings):
         0.2, gt=0, lt=1, description="Share of completions held out for the gate (by a hash of the completion id)."
     )
     max_user_share: float = Field(
-        0.1, gt=0, le=1, description="Largest share of a round's training examples from one judge."
+        0.1, gt=0, le=1, description="Largest share of a round's training examples from one judge (key and user)."
+    )
+    max_key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest share of a round's training examples from one API key, whatever users it names "
+        "(applies when examples came through more than one key).",
     )
     max_eval_examples: int = Field(256, ge=8, description="Held-out examples the gate scores at most.")
     gate_min_accuracy: float = Field(
