@@ -44,6 +44,46 @@ gateway`: the processes they start and how they stop them), the gateway's feedba
 that drain the feedback queue (`pairloop worker`), and the learning loop (the training worker, `pairloop cron`,
 the admin routes and `pairloop adapters`/`train`)."""
 
+SECRET_VARIABLES = frozenset(
+    {
+        "PAIRLOOP_SECRET",
+        "PAIRLOOP_SECRET_PREVIOUS",
+        "PAIRLOOP_API_KEYS",
+        "PAIRLOOP_VLLM_API_KEY",
+        "PAIRLOOP_REDIS_URL",
+        "PAIRLOOP_DATABASE_URL",
+        "PAIRLOOP_ADAPTER_STORE_OPTIONS",
+    }
+)
+"""The settings that hold a secret: keys, the token secret, and the URLs and options that carry a password."""
+
+_REDIS, _STORE = "PAIRLOOP_REDIS_URL", "PAIRLOOP_DATABASE_URL"
+ROLE_SECRETS: dict[str, frozenset[str]] = {
+    "gateway": frozenset(
+        {"PAIRLOOP_SECRET", "PAIRLOOP_SECRET_PREVIOUS", "PAIRLOOP_API_KEYS", "PAIRLOOP_VLLM_API_KEY", _REDIS, _STORE}
+    ),
+    "vllm": frozenset({"PAIRLOOP_VLLM_API_KEY"}),
+    "adapter-sync": frozenset({_REDIS, "PAIRLOOP_ADAPTER_STORE_OPTIONS"}),
+    "worker": frozenset({_REDIS, _STORE}),
+    "trainer": frozenset({_REDIS, _STORE, "PAIRLOOP_ADAPTER_STORE_OPTIONS", "PAIRLOOP_VLLM_API_KEY"}),
+    "cron": frozenset({_REDIS}),
+    "migrate": frozenset({_STORE}),
+    "model": frozenset(),
+}
+"""The secrets each role of a deployment across hosts may hold (docs/SECURITY.md, "Who holds what"): the gateway
+signs tokens, checks keys and calls vLLM; vLLM holds its own key only; a sidecar reads Redis and the adapter store
+(with a read-only identity); a feedback worker writes the store; the trainer also publishes adapters and swaps
+them; cron only queues checks; the migration only touches the store. tests/test_shipping.py checks compose and
+every Kubernetes overlay against it."""
+
+
+def role_of(args: list[str]) -> str:
+    """The role a `pairloop ARGS` command plays (`ROLE_SECRETS`' keys)."""
+    if args[0] == "worker":
+        return "trainer" if "--training" in args else "worker"
+    return {"db": "migrate"}.get(args[0], args[0])
+
+
 TEST_PREFIX = ENV_PREFIX + "TEST_"
 """Read by the test suite only (tests/conftest.py), never by the service."""
 

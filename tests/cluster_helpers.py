@@ -58,6 +58,8 @@ COMPOSE_VARIABLES = {
     "VLLM_API_KEY": VLLM_KEY,
     "S3_ACCESS_KEY": ACCESS_KEY,
     "S3_SECRET_KEY": SECRET_KEY,
+    "S3_READER_ACCESS_KEY": "cluster-s3-reader",
+    "S3_READER_SECRET_KEY": "cluster-s3-reader-secret-key",
     # Each vLLM host a core of its own, as on machines of their own: left at `auto`, both engines bind to core 0,
     # and one restarted under load stalls in its start (the busy engine keeps the core; docs/RELIABILITY.md).
     "VLLM_1_CPU_CORES": "0",
@@ -217,7 +219,8 @@ class Cluster:
     def start_services(self) -> None:
         self.valkey = EmbeddedRedis(self.root / "valkey", VALKEY_PASSWORD)
         self.valkey.start()
-        self.s3 = SeaweedS3(self.root / "s3")
+        identities = json.loads(compose_file.load(COMPOSE_VARIABLES)["configs"]["s3-identities"]["content"])
+        self.s3 = SeaweedS3(self.root / "s3", identities=identities["identities"])  # compose's, read-only one too
         self.s3.start()
         self.port = pool_port([vllm_address(i) for i in range(1, 4)])
         for one_shot in ("migrate", "model"):  # before the hosts, as compose orders them
@@ -251,6 +254,9 @@ class Cluster:
         self.ran.add(service)
         wiring = self.wiring()
         local = {k: wiring[k] if k in WIRING else v for k, v in env.items()}
+        if "PAIRLOOP_ADAPTER_STORE_OPTIONS" in env:  # the service's own identity, this machine's endpoint
+            options = json.loads(env["PAIRLOOP_ADAPTER_STORE_OPTIONS"])
+            local["PAIRLOOP_ADAPTER_STORE_OPTIONS"] = json.dumps(options | {"endpoint_url": self.s3.endpoint})
         return _clean_env() | local | {"PAIRLOOP_DATA_DIR": str(data_dir)} | extra
 
     def run_once(self, service: str) -> None:

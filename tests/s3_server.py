@@ -29,9 +29,11 @@ def weed_binary() -> str:
 class SeaweedS3:
     """`weed server` with its master, volume, filer and S3 gateway on free loopback ports, data under `root`."""
 
-    def __init__(self, root: Path, bucket: str = "adapters") -> None:
+    def __init__(self, root: Path, bucket: str = "adapters", identities: list[dict[str, Any]] | None = None) -> None:
+        """`identities`: SeaweedFS's S3 identities (default: one with every right, ACCESS_KEY and SECRET_KEY)."""
         self.root = root
         self.bucket = bucket
+        self.identities = identities
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.grpc = {name: free_port() for name in self.ports}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -45,10 +47,11 @@ class SeaweedS3:
         return f"s3://{self.bucket}/pairloop"
 
     def options(self) -> dict[str, Any]:
-        """fsspec (s3fs) storage options for PAIRLOOP_ADAPTER_STORE_OPTIONS."""
+        """fsspec (s3fs) storage options for PAIRLOOP_ADAPTER_STORE_OPTIONS: the first identity's."""
+        first = (self.identities or [{}])[0].get("credentials", [{}])[0]
         return {
-            "key": ACCESS_KEY,
-            "secret": SECRET_KEY,
+            "key": first.get("accessKey", ACCESS_KEY),
+            "secret": first.get("secretKey", SECRET_KEY),
             "endpoint_url": self.endpoint,
             "client_kwargs": {"region_name": "us-east-1"},
         }
@@ -59,7 +62,7 @@ class SeaweedS3:
         config = self.root / "s3.json"
         identity = {"name": "pairloop", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
         identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
-        config.write_text(json.dumps({"identities": [identity]}))
+        config.write_text(json.dumps({"identities": self.identities or [identity]}))
         p, g = self.ports, self.grpc
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}"]
         cmd += [f"-master.port={p['master']}", f"-master.port.grpc={g['master']}"]

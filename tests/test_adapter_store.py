@@ -216,3 +216,39 @@ def test_vllm_urls_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAIRLOOP_VLLM_URLS", "10.0.0.5:8001")
     with pytest.raises(ValidationError, match="is not an http"):
         ServingSettings()
+
+
+@pytest.mark.slow
+def test_the_sidecars_s3_identity_can_read_the_store_and_not_write_it(tmp_path: Path) -> None:
+    """deploy/compose.yaml's two S3 identities, on a real SeaweedFS: the trainer's publishes, the sidecars' fetches
+    and can neither publish nor overwrite a manifest (so a sidecar cannot change what a name serves)."""
+    from tests import compose_file
+    from tests.s3_server import SeaweedS3
+
+    variables = compose_file.env_example()
+    identities = json.loads(compose_file.load(variables)["configs"]["s3-identities"]["content"])["identities"]
+    s3 = SeaweedS3(tmp_path / "s3", identities=identities)
+    s3.start()
+    try:
+
+        def store_as(service: str) -> AdapterStore:
+            options = json.loads(
+                compose_file.environment(compose_file.load(variables)["services"][service])[
+                    "PAIRLOOP_ADAPTER_STORE_OPTIONS"
+                ]
+            )
+            return AdapterStore(s3.url, options | {"endpoint_url": s3.endpoint})
+
+        trainer, sidecar = store_as("trainer"), store_as("vllm-1-sync")
+        trainer.publish("pl-v0001-aaaaaaaa", adapter_dir(tmp_path / "a"))
+        assert sidecar.names() == ["pl-v0001-aaaaaaaa"]
+        copy = sidecar.fetch("pl-v0001-aaaaaaaa", tmp_path / "host")
+        assert (copy / "adapter_model.safetensors").read_bytes() == b"\x01" * 64
+        with pytest.raises((AdapterError, PermissionError, OSError)):
+            sidecar.publish("pl-v0002-bbbbbbbb", adapter_dir(tmp_path / "b", b"\x02" * 64))
+        with pytest.raises((PermissionError, OSError)):
+            sidecar.fs.pipe_file(sidecar.manifest_key("pl-v0001-aaaaaaaa"), b"{}")
+        assert trainer.names() == ["pl-v0001-aaaaaaaa"]
+        assert trainer.manifest("pl-v0001-aaaaaaaa") is not None
+    finally:
+        s3.stop()

@@ -34,7 +34,7 @@ from deploy.local.engine import HEALTH_PATH, EngineProcess, engine_config
 from deploy.local.process import free_port
 from deploy.local.redis_server import DURABILITY, server_binary
 from deploy.local.settings import LocalSettings
-from deploy.settings import known_variables
+from deploy.settings import ROLE_SECRETS, SECRET_VARIABLES, known_variables, role_of
 from serving.settings import PLACEHOLDER, ServingSettings
 from tests import compose_file
 from tests.cli_helpers import cli
@@ -259,6 +259,30 @@ def test_every_pairloop_variable_is_a_setting_and_each_containers_settings_valid
             seen |= names
             settings_for(role(c["args"]), filled(env), monkeypatch)
     assert {"PAIRLOOP_REDIS_URL", "PAIRLOOP_DATABASE_URL", "PAIRLOOP_VLLM_URLS", "PAIRLOOP_SECRET"} <= seen
+
+
+def test_each_role_holds_only_the_secrets_it_uses(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every compose service and every pairloop container of every overlay holds exactly its role's secrets
+    (deploy/settings.py, ROLE_SECRETS): one it does not use fails here."""
+    for name, service in compose_file.pairloop_services(compose()).items():
+        want = ROLE_SECRETS[role_of(service["command"])]
+        held = set(compose_file.environment(service)) & SECRET_VARIABLES
+        assert held <= want, f"compose {name} holds secrets it does not use: {sorted(held - want)}"
+        assert want - {"PAIRLOOP_SECRET_PREVIOUS"} <= held, f"compose {name} lacks {sorted(want - held)}"
+    for overlay, docs in rendered.items():
+        for doc, c in pairloop_containers(docs):
+            want = ROLE_SECRETS[role_of(c["args"])]
+            held = set()
+            for source in c.get("envFrom", []):
+                if "secretRef" in source:
+                    held |= set(find(docs, "Secret", source["secretRef"]["name"])["stringData"])
+            held |= {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            where = f"{overlay} {doc['metadata']['name']}/{c['name']}"
+            assert held <= want, f"{where} holds secrets it does not use: {sorted(held - want)}"
+            assert want - {"PAIRLOOP_SECRET_PREVIOUS"} <= held, f"{where} lacks {sorted(want - held)}"
+    # and the secrets of the other roles are not one Secret loaded by all
+    secrets = {d["metadata"]["name"] for d in rendered["cpu"] if d["kind"] == "Secret"}
+    assert {f"pairloop-{r}" for r in ROLE_SECRETS if ROLE_SECRETS[r]} <= secrets and "pairloop" not in secrets
 
 
 def test_the_example_secrets_are_refused_until_replaced(
@@ -616,14 +640,19 @@ def test_the_cluster_test_runs_every_pairloop_service_of_the_compose_file() -> N
 @pytest.mark.slow
 def test_every_compose_process_refuses_the_example_secrets(tmp_path: Path) -> None:
     """Each pairloop command of deploy/compose.yaml, run with its environment as the example env file leaves it,
-    stops at once with the variable's name, before it serves or stores anything."""
+    stops at once with the variable's name, before it serves or stores anything. (The model build holds no
+    secret at all.)"""
+    no_secret = []
     for name, service in compose_file.pairloop_services(compose()).items():
         args = [a.replace("/models/tiny", str(tmp_path / "tiny")) for a in service["command"]]
         env = compose_file.environment(service) | {"PAIRLOOP_DATA_DIR": str(tmp_path / name)}
-        assert any(PLACEHOLDER in value for key, value in env.items() if key.startswith("PAIRLOOP_")), name
+        if not any(PLACEHOLDER in value for key, value in env.items() if key.startswith("PAIRLOOP_")):
+            no_secret.append(name)
+            continue
         r = cli(*args, **env)
         said = " ".join(re.sub("[│╭╮╰╯─]", " ", r.stderr).split())  # typer's box around a usage error, unwrapped
         assert r.returncode != 0 and "still holds an example value" in said, (name, r.returncode, said[-600:])
+    assert no_secret == ["model"]
 
 
 def test_every_pod_meets_the_restricted_pod_security_standard(rendered: dict[str, list[dict[str, Any]]]) -> None:
