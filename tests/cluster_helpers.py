@@ -293,7 +293,12 @@ class Cluster:
         vllm = _join(
             self._pairloop(*_localize(service, command, host=address, port=str(self.port), adapter_dir=adapters))
         )
-        script = f"{vllm} & {_join(self._sync_command(n))} & wait" if with_sync else f"exec {vllm}"
+        if with_sync:  # one process group, each process with its own service's environment (compose's)
+            sync_env = self.host_env(service + "-sync", host_dir)
+            sync = _join(["env", "-i", *(f"{k}={v}" for k, v in sync_env.items()), *self._sync_command(n)])
+            script = f"{vllm} & {sync} & wait"
+        else:
+            script = f"exec {vllm}"
         host = Host(name, host_dir, ["sh", "-c", script], self.host_env(service, host_dir), url=url)
         self.hosts[name] = host
         host.start()
@@ -302,7 +307,7 @@ class Cluster:
     def _sync_command(self, n: int) -> list[str]:
         service = _compose_vllm(n) + "-sync"
         command, _ = compose_service(service)
-        self.ran.add(service)  # beside vLLM in one process group, it has the vLLM service's environment
+        self.ran.add(service)
         url = f"http://{vllm_address(n)}:{self.port}"
         adapters = str(self.root / f"vllm-{n}" / "adapters")
         return self._pairloop(*_localize(service, command, vllm_url=url, dir=adapters), "--interval-s", "0.2")
@@ -489,6 +494,8 @@ class SteadyLoad:
 
 
 def vllm_metric(url: str, name: str) -> float:
-    """The sum of one counter over its labels from a vLLM server's /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    """The sum of one counter over its labels from a vLLM server's /metrics (which takes its key)."""
+    resp = httpx.get(f"{url}/metrics", timeout=10, headers={"Authorization": f"Bearer {VLLM_KEY}"})
+    assert resp.status_code == 200, resp.text
+    text = resp.text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))

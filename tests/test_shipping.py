@@ -684,3 +684,109 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered: dict[str
                 seccomp = (merged.get("seccompProfile") or {}).get("type")
                 assert seccomp in ("RuntimeDefault", "Localhost"), name
                 assert not any(p.get("hostPort") for p in c.get("ports", [])), name
+
+
+# -- the network -----------------------------------------------------------------------------------------
+
+ROLE_PORTS = {"gateway": 8000, "vllm": 8001, "valkey": 6379, "postgres": 5432, "s3": 8333}
+"""The port each role serves on (the roles without one are only ever clients)."""
+
+REACHES = {
+    ("client", "gateway"),
+    ("gateway", "vllm"),
+    ("trainer", "vllm"),
+    *((role, "valkey") for role in ("gateway", "worker", "trainer", "cron", "vllm")),
+    *((role, "postgres") for role in ("gateway", "worker", "trainer", "migrate")),
+    ("trainer", "s3"),
+    ("vllm", "s3"),  # its adapter-sync sidecar
+}
+"""Who may open a connection to whom (docs/SECURITY.md, "The network"); every other pair is refused."""
+
+
+def _matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
+    wanted = (selector or {}).get("matchLabels", {})
+    return labels is not None and wanted.items() <= labels.items()
+
+
+def _peer(peers: list[dict[str, Any]] | None, labels: dict[str, str] | None) -> bool:
+    """Whether a rule's `from`/`to` admits a pod with `labels` (None: something outside the cluster)."""
+    if peers is None:
+        return True
+    for p in peers:
+        if "ipBlock" in p:
+            return True
+        if "namespaceSelector" in p and "podSelector" not in p:
+            return labels is not None
+        if "podSelector" in p and _matches(p["podSelector"], labels):
+            return True
+    return False
+
+
+def _port(ports: list[dict[str, Any]] | None, port: int) -> bool:
+    return ports is None or any(p.get("port") in (None, port) and p.get("protocol", "TCP") == "TCP" for p in ports)
+
+
+def allowed(policies: list[dict[str, Any]], src: dict[str, str] | None, dst: dict[str, str], port: int) -> bool:
+    """NetworkPolicy semantics for a TCP connection from `src` (pod labels; None: outside) to `dst`'s `port`: the
+    destination's ingress policies and the source's egress policies must both let it through (none: open)."""
+
+    def side(kind: str, pod: dict[str, str], peer: dict[str, str] | None, key: str) -> bool:
+        selecting = [
+            p for p in policies if _matches(p["spec"]["podSelector"], pod) and kind in p["spec"]["policyTypes"]
+        ]
+        rules = [r for p in selecting for r in p["spec"].get(kind.lower(), [])]
+        return not selecting or any(_port(r.get("ports"), port) and _peer(r.get(key), peer) for r in rules)
+
+    return side("Ingress", dst, src, "from") and (src is None or side("Egress", src, dst, "to"))
+
+
+def test_every_pod_reaches_only_what_its_role_uses(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["trial"]  # everything in the cluster: both sides of every connection
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["metadata"][
+            "labels"
+        ]
+        for d in workloads(docs)
+    }
+    assert set(pods) == {"gateway", "vllm", "worker", "trainer", "cron", "migrate", "valkey", "postgres", "s3"}
+    default_deny = [p for p in policies if p["spec"]["podSelector"] == {}]
+    assert any(
+        set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not p["spec"].get("ingress") for p in default_deny
+    )
+    sources: dict[str, dict[str, str] | None] = {"client": None, **pods}
+    for src, src_labels in sources.items():
+        for dst, port in ROLE_PORTS.items():
+            want = (src, dst) in REACHES
+            got = allowed(policies, src_labels, pods[dst], port)
+            assert got == want, f"{src} -> {dst}:{port} is {'allowed' if got else 'refused'}"
+    # DNS for everyone (the cluster's DNS pods live in another namespace, outside these policies' reach)
+    dns = [p for p in default_deny if "Egress" in p["spec"]["policyTypes"] and p["spec"].get("egress")]
+    assert [port["port"] for p in dns for rule in p["spec"]["egress"] for port in rule["ports"]] == [53, 53]
+    # nothing else leaves a pod but what its role uses (a worker cannot reach S3's port, cron not PostgreSQL's)
+    assert not allowed(policies, pods["worker"], {"anything": "outside"}, 8333)
+    assert not allowed(policies, pods["cron"], {"anything": "outside"}, 5432)
+
+
+def test_compose_networks_mirror_the_policies() -> None:
+    """Two compose services can talk only where they share a network: the pairs that do are REACHES, either way
+    (a network has no direction; the sidecar, a container of its own here, is the vLLM pod's side that reaches
+    Redis and S3); only the gateways are reachable from outside, and every other network is internal."""
+    data = compose()
+    services = data["services"]
+
+    def role(name: str) -> str:
+        base = re.sub(r"-\d+", "", name)
+        return {"vllm-sync": "adapter-sync"}.get(base, base)
+
+    reaches = (REACHES - {("vllm", "valkey"), ("vllm", "s3")}) | {("adapter-sync", "valkey"), ("adapter-sync", "s3")}
+    nets = {name: set(s.get("networks", [])) for name, s in services.items()}
+    for a in services:
+        for b in services:
+            if role(b) in ROLE_PORTS and role(a) != role(b):
+                want = (role(a), role(b)) in reaches or (role(b), role(a)) in reaches
+                assert bool(nets[a] & nets[b]) == want, f"compose {a} -> {b}: {'should' if want else 'must not'} reach"
+    assert {n for n, s in services.items() if s.get("ports")} == {"gateway-1", "gateway-2"}
+    outside = {n for n, spec in data["networks"].items() if not (spec or {}).get("internal")}
+    assert outside == {"edge"} and {n for n in services if "edge" in nets[n]} == {"gateway-1", "gateway-2"}
+    assert services["model"]["network_mode"] == "none"
