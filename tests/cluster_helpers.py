@@ -36,8 +36,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import redis
 
 from deploy.local.process import free_port
 from deploy.local.redis_server import EmbeddedRedis
@@ -52,6 +54,10 @@ VLLM_KEY = "cluster-vllm-api-key-0123456789"
 
 COMPOSE_VARIABLES = {
     "REDIS_PASSWORD": VALKEY_PASSWORD,
+    **{
+        f"REDIS_{role}_PASSWORD": f"cluster-valkey-{role.lower()}-password"
+        for role in ("GATEWAY", "WORKER", "TRAINER", "CRON", "SYNC")
+    },
     "POSTGRES_PASSWORD": "unused-the-cluster-uses-its-own-database",
     "PAIRLOOP_SECRET": SECRET,
     "PAIRLOOP_API_KEYS": keys_json(),
@@ -219,12 +225,21 @@ class Cluster:
     def start_services(self) -> None:
         self.valkey = EmbeddedRedis(self.root / "valkey", VALKEY_PASSWORD)
         self.valkey.start()
+        admin = redis.Redis.from_url(self.valkey.url)  # compose's ACL users, each role connecting as its own
+        for user, rules in compose_file.valkey_users(compose_file.load(COMPOSE_VARIABLES)).items():
+            admin.execute_command("ACL", "SETUSER", user, *rules)
+        admin.close()
         identities = json.loads(compose_file.load(COMPOSE_VARIABLES)["configs"]["s3-identities"]["content"])
         self.s3 = SeaweedS3(self.root / "s3", identities=identities["identities"])  # compose's, read-only one too
         self.s3.start()
         self.port = pool_port([vllm_address(i) for i in range(1, 4)])
         for one_shot in ("migrate", "model"):  # before the hosts, as compose orders them
             self.run_once(one_shot)
+
+    @property
+    def valkey_port(self) -> int:
+        assert self.valkey is not None
+        return self.valkey.port
 
     @property
     def redis_url(self) -> str:
@@ -254,6 +269,9 @@ class Cluster:
         self.ran.add(service)
         wiring = self.wiring()
         local = {k: wiring[k] if k in WIRING else v for k, v in env.items()}
+        if "PAIRLOOP_REDIS_URL" in env:  # the service's own ACL user, this machine's Valkey
+            userinfo = urlsplit(env["PAIRLOOP_REDIS_URL"]).netloc.rsplit("@", 1)[0]
+            local["PAIRLOOP_REDIS_URL"] = f"redis://{userinfo}@127.0.0.1:{self.valkey_port}/0"
         if "PAIRLOOP_ADAPTER_STORE_OPTIONS" in env:  # the service's own identity, this machine's endpoint
             options = json.loads(env["PAIRLOOP_ADAPTER_STORE_OPTIONS"])
             local["PAIRLOOP_ADAPTER_STORE_OPTIONS"] = json.dumps(options | {"endpoint_url": self.s3.endpoint})

@@ -70,3 +70,15 @@ def environment(service: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {str(k): str(v) for k, v in env.items()}
+
+
+def valkey_users(data: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The ACL users the `valkey` service declares (`--user NAME RULE…`): each name's rules, password included."""
+    command = list(data["services"]["valkey"]["command"])
+    users: dict[str, list[str]] = {}
+    for i, arg in enumerate(command):
+        if arg == "--user":
+            rest = command[i + 2 :]
+            end = next((j for j, a in enumerate(rest) if a.startswith("--")), len(rest))
+            users[command[i + 1]] = rest[:end]
+    return users

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
@@ -163,6 +164,11 @@ def test_every_part_on_its_own_host(tmp_path: Path, tiny_model: Path, fresh_pg_u
         wait_until("40 votes stored", lambda: stored_feedback(c.pg_url, ids) == 40, 60, workers)
         time.sleep(1.0)
         assert stored_feedback(c.pg_url, ids) == 40  # two workers, two submissions each: every vote once
+        # each role talks to Valkey as its own ACL user (deploy/redis_acl.py)
+        admin = redis.Redis.from_url(c.redis_url)
+        users = {client["user"] for client in admin.client_list()} - {"default"}  # "default": the test's own
+        admin.close()
+        assert users == {"gateway", "worker", "trainer", "cron", "adapter-sync"}, users
 
         # 2. a round on the trainer host, published to the store, loaded by each vLLM host from its own copy
         resp = httpx.post(f"{g2.url}/admin/train", headers=AUTH, timeout=30)

@@ -34,6 +34,7 @@ from deploy.local.engine import HEALTH_PATH, EngineProcess, engine_config
 from deploy.local.process import free_port
 from deploy.local.redis_server import DURABILITY, server_binary
 from deploy.local.settings import LocalSettings
+from deploy.redis_acl import ROLE_RULES, user_args
 from deploy.settings import ROLE_SECRETS, SECRET_VARIABLES, known_variables, role_of
 from serving.settings import PLACEHOLDER, ServingSettings
 from tests import compose_file
@@ -295,7 +296,7 @@ def test_the_example_secrets_are_refused_until_replaced(
     service = compose()["services"]["gateway-1"]
     with pytest.raises(ValueError, match="example value"):
         settings_for("gateway", compose_file.environment(service), monkeypatch)
-    with pytest.raises(KeyError, match="REDIS_PASSWORD"):  # no env file at all: Compose stops with the message
+    with pytest.raises(KeyError, match=r"_PASSWORD: set .* in the env file"):  # no env file: Compose names one
         compose_file.load({})
 
 
@@ -790,3 +791,31 @@ def test_compose_networks_mirror_the_policies() -> None:
     outside = {n for n, spec in data["networks"].items() if not (spec or {}).get("internal")}
     assert outside == {"edge"} and {n for n in services if "edge" in nets[n]} == {"gateway-1", "gateway-2"}
     assert services["model"]["network_mode"] == "none"
+
+
+def test_valkey_declares_each_roles_acl_user_and_each_role_connects_as_it(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The users compose's and the trial overlay's Valkey declare are deploy/redis_acl.py's, and every pairloop
+    service or container connects as its own role's user (tests/test_redis_acl.py shows what each may do)."""
+    users = compose_file.valkey_users(compose())
+    assert set(users) == set(ROLE_RULES)
+    for role, rules in users.items():
+        password = rules[1][1:]
+        assert rules == user_args(role, password) and password.startswith("replace-me-redis-")
+    for name, service in compose_file.pairloop_services(compose()).items():
+        url = compose_file.environment(service).get("PAIRLOOP_REDIS_URL")
+        role = role_of(service["command"])
+        if url:
+            assert urlsplit(url).username == role, f"compose {name} connects as {urlsplit(url).username}"
+    docs = rendered["trial"]
+    valkey = container(find(docs, "StatefulSet", "valkey"), "valkey")
+    args = expand(valkey["args"], container_env(docs, valkey))
+    declared = {
+        args[i + 1]: args[i + 2 : i + 2 + len(user_args(args[i + 1], "x"))] for i, a in enumerate(args) if a == "--user"
+    }
+    assert {role: rules[2:] for role, rules in declared.items()} == {r: v.split() for r, v in ROLE_RULES.items()}
+    for doc, c in pairloop_containers(docs):
+        url = container_env(docs, c).get("PAIRLOOP_REDIS_URL")
+        if url:
+            assert urlsplit(url).username == role_of(c["args"]), f"{doc['metadata']['name']}/{c['name']}"
