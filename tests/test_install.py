@@ -61,3 +61,29 @@ def test_every_import_is_declared() -> None:
         d: sorted(f) for d, f in imported_distributions((*PACKAGES, "tests", "bench")).items() if d not in declared
     }
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def _pins(text: str) -> dict[str, str]:
+    """name -> version of every `name==version` line (a lock file's, or pyproject's requirement strings)."""
+    found = re.findall(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\\\;,\"]+)", text, re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in found}
+
+
+@pytest.mark.parametrize("lock", ["cpu", "gpu", "image-cpu", "image-gpu"])
+def test_each_lock_file_holds_every_pin_with_its_hashes(lock: str) -> None:
+    """requirements/*.txt (`make lock`) pin what pyproject.toml pins, every package with at least one hash; a pin
+    changed in pyproject.toml without `make lock` fails here."""
+    text = (ROOT / "requirements" / f"{lock}.txt").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    engine = "gpu" if "gpu" in lock else "cpu"
+    wanted = [*project["dependencies"], *extras[engine], *extras["train"], *extras["s3"]]
+    if not lock.startswith("image"):
+        wanted += [*extras["simulate"], *extras["dev"]]
+    locked = _pins(text)
+    for name, version in _pins("\n".join(wanted)).items():
+        assert locked.get(name, "").split("+")[0] == version, f"{lock}: {name}=={version} but locked {locked.get(name)}"
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
+    unhashed = [b.split()[0] for b in blocks if b.strip() and "--hash=sha256:" not in b]
+    assert not unhashed, f"{lock}: no hash for {unhashed}"
+    assert "--index-url" not in text and "--find-links" not in text.split("\n", 2)[2], "no machine's sources in it"
