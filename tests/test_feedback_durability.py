@@ -215,7 +215,10 @@ def test_a_worker_that_loses_redis_waits_for_it_and_stores_everything(
         )
         assert worker.poll() is None
         text = log.read_text()
-        assert "lost Redis" in text or "ended without being asked to" in text, "Redis never went away under it"
+        # It noticed: in a job or its bookkeeping (our supervisor restarts it), or while taking the next job (RQ's
+        # own dequeue loop waits for Redis and says so); which one depends on where the outage finds it.
+        noticed = ("lost Redis", "ended without being asked to", "could not connect to Redis instance")
+        assert any(line in text for line in noticed), "Redis never went away under it"
     finally:
         terminate(worker, 20)
     assert worker.returncode == 0, log.read_text()[-3000:]  # SIGTERM after the outage still stops it cleanly
