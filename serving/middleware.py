@@ -70,7 +70,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, self._too_large())
+            await send_error(send, self._too_large())
             return
         size = 0
         done = False
@@ -90,15 +90,13 @@ class BodyLimit:
                     message = await receive()
             except TimeoutError:
                 answered = True
-                await self._refuse(
-                    send, RequestTimeout(f"The request body did not arrive within {self.timeout_s:g} s.")
-                )
+                await send_error(send, RequestTimeout(f"The request body did not arrive within {self.timeout_s:g} s."))
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
                 if size > self.max_bytes:
                     answered = True
-                    await self._refuse(send, self._too_large())
+                    await send_error(send, self._too_large())
                     return {"type": "http.disconnect"}
                 done = not message.get("more_body", False)
             return message
@@ -111,9 +109,6 @@ class BodyLimit:
 
     def _too_large(self) -> ServingError:
         return PayloadTooLarge(f"Request body is over this server's limit of {self.max_bytes} bytes.")
-
-    async def _refuse(self, send: Send, err: ServingError) -> None:
-        await send_error(send, err)
 
 
 class RequestMetrics:

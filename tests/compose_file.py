@@ -72,9 +72,9 @@ def environment(service: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def valkey_users(data: Mapping[str, Any]) -> dict[str, list[str]]:
-    """The ACL users the `valkey` service declares (`--user NAME RULE…`): each name's rules, password included."""
-    command = list(data["services"]["valkey"]["command"])
+def acl_users(command: list[str]) -> dict[str, list[str]]:
+    """The ACL users a `valkey-server` command line declares (`--user NAME RULE…`, up to the next `--option`):
+    each name's rules, password included."""
     users: dict[str, list[str]] = {}
     for i, arg in enumerate(command):
         if arg == "--user":
@@ -82,3 +82,8 @@ def valkey_users(data: Mapping[str, Any]) -> dict[str, list[str]]:
             end = next((j for j, a in enumerate(rest) if a.startswith("--")), len(rest))
             users[command[i + 1]] = rest[:end]
     return users
+
+
+def valkey_users(data: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The ACL users the `valkey` service declares (`acl_users` of its command)."""
+    return acl_users(list(data["services"]["valkey"]["command"]))

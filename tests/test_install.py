@@ -87,3 +87,10 @@ def test_each_lock_file_holds_every_pin_with_its_hashes(lock: str) -> None:
     unhashed = [b.split()[0] for b in blocks if b.strip() and "--hash=sha256:" not in b]
     assert not unhashed, f"{lock}: no hash for {unhashed}"
     assert "--index-url" not in text and "--find-links" not in text.split("\n", 2)[2], "no machine's sources in it"
+
+
+def test_make_setup_installs_the_lock_with_its_hashes() -> None:
+    """`make setup` installs exactly the lock file of its engine, every file checked (docs/SECURITY.md)."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "LOCK   := requirements/$(ENGINE).txt" in makefile
+    assert "pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)" in makefile

@@ -596,6 +596,10 @@ def test_dockerfile_passes_hadolint_and_builds_what_the_issue_asks() -> None:
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and not user[-1].startswith(("0", "root")), "runs as a user without privileges"
     assert "build-tiny" not in text, "the tiny model is built into the data volume on first start, not baked in"
+    # installed from the lock files, each package hashed, nothing resolved beyond them (docs/SECURITY.md)
+    installs = re.findall(r"pip install --require-hashes --no-deps[^;]*?-r (requirements/[\w.-]+)", text, re.S)
+    assert sorted(installs) == ["requirements/image-cpu.txt", "requirements/image-gpu.txt"], installs
+    assert "--index-url" not in text and "--extra-index-url" not in text, "PyPI, and PyTorch's page for torch only"
     copied = set(re.findall(r"^COPY (?!--from)(\S+)", text, re.M)) - {"pyproject.toml"}
     allowed = {
         line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
@@ -811,9 +815,7 @@ def test_valkey_declares_each_roles_acl_user_and_each_role_connects_as_it(
     docs = rendered["trial"]
     valkey = container(find(docs, "StatefulSet", "valkey"), "valkey")
     args = expand(valkey["args"], container_env(docs, valkey))
-    declared = {
-        args[i + 1]: args[i + 2 : i + 2 + len(user_args(args[i + 1], "x"))] for i, a in enumerate(args) if a == "--user"
-    }
+    declared = compose_file.acl_users(args)
     assert {role: rules[2:] for role, rules in declared.items()} == {r: v.split() for r, v in ROLE_RULES.items()}
     for doc, c in pairloop_containers(docs):
         url = container_env(docs, c).get("PAIRLOOP_REDIS_URL")

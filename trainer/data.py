@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -372,16 +373,15 @@ def _cap(rows: list[Row], share: float, key_share: float = 1.0) -> tuple[list[Ro
     `key_share` from any one key (at least one each); how many were dropped. A row's judge is `key:user`."""
     if not rows:
         return rows, 0
-    keys = {row["judge"].split(":", 1)[0] for row in rows}
+    keys = [row["judge"].split(":", 1)[0] for row in rows]
     judge_limit = max(1, int(share * len(rows))) if share < 1 else len(rows)
-    key_limit = max(1, int(key_share * len(rows))) if key_share < 1 and len(keys) > 1 else len(rows)
+    key_limit = max(1, int(key_share * len(rows))) if key_share < 1 and len(set(keys)) > 1 else len(rows)
     kept: list[Row] = []
-    per_judge: dict[str, int] = {}
-    per_key: dict[str, int] = {}
-    for row in rows:  # new rows come first, newest first: a judge over the cap keeps its newest examples
-        judge, key = row["judge"], row["judge"].split(":", 1)[0]
-        if per_judge.get(judge, 0) < judge_limit and per_key.get(key, 0) < key_limit:
+    per_judge: Counter[str] = Counter()
+    per_key: Counter[str] = Counter()
+    for row, key in zip(rows, keys, strict=True):  # new rows first, newest first: a judge keeps its newest
+        if per_judge[row["judge"]] < judge_limit and per_key[key] < key_limit:
             kept.append(row)
-            per_judge[judge] = per_judge.get(judge, 0) + 1
-            per_key[key] = per_key.get(key, 0) + 1
+            per_judge[row["judge"]] += 1
+            per_key[key] += 1
     return kept, len(rows) - len(kept)
